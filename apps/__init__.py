@@ -1,0 +1,1 @@
+"""The `elm` command line and the programs a person runs."""

@@ -1,0 +1,64 @@
+"""`elm init`: a randomly initialised model directory from a preset or a spec file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from elm_spec import ElmError, ModelSpec
+
+
+def load_spec_argument(preset: str | None, spec_file: Path | None, vocab_size: int | None) -> ModelSpec:
+    """A ModelSpec from --preset or --spec (a YAML/JSON file of ModelSpec or config.json keys)."""
+    if (preset is None) == (spec_file is None):
+        raise ElmError("give exactly one of --preset NAME or --spec FILE")
+    if preset is not None:
+        spec = ModelSpec.from_preset(preset)
+    else:
+        import yaml
+
+        if not spec_file.is_file():
+            raise ElmError(f"{spec_file}: not found")
+        try:
+            data = yaml.safe_load(spec_file.read_text())
+        except yaml.YAMLError as error:
+            raise ElmError(f"{spec_file}: not valid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise ElmError(f"{spec_file}: expected a mapping of spec keys")
+        try:
+            spec = ModelSpec.from_config(data)
+        except ElmError as error:
+            raise ElmError(f"{spec_file}: {error}") from None
+    return spec.replace(vocab_size=vocab_size) if vocab_size else spec
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("init")
+    def init(
+        destination: Path = typer.Argument(..., help="Model directory to create."),
+        preset: str = typer.Option(None, "--preset", help="Preset name, e.g. OpenELM-270M."),
+        spec_file: Path = typer.Option(None, "--spec", help="YAML or JSON file of spec keys."),
+        tokenizer: Path = typer.Option(None, "--tokenizer",
+                                       help="tokenizer.model (or a directory holding one) to carry."),
+        vocab_size: int = typer.Option(None, "--vocab-size", help="Override the vocabulary size."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+        seed: int = typer.Option(0, "--seed"),
+        force: bool = typer.Option(False, "--force", help="Replace an existing DESTINATION."),
+    ) -> None:
+        """Write a randomly initialised model directory (CoreNet initialisation)."""
+        from elm_spec.tokenizer import SENTENCEPIECE_FILE, Tokenizer
+        from elm_train.modeldir import init_model, save_model_dir
+
+        spec = load_spec_argument(preset, spec_file, vocab_size)
+        tokenizer_file = None
+        if tokenizer is not None:
+            tokenizer_file = tokenizer / SENTENCEPIECE_FILE if tokenizer.is_dir() else tokenizer
+            pieces = Tokenizer(tokenizer_file).vocab_size
+            if vocab_size is None:
+                spec = spec.replace(vocab_size=pieces)
+            elif pieces > spec.vocab_size:
+                raise ElmError(f"{tokenizer_file}: has {pieces} pieces, more than --vocab-size {vocab_size}")
+        model = init_model(spec, seed=seed)
+        save_model_dir(model.state_dict(), spec, destination, tokenizer_file, dtype=dtype, force=force)
+        typer.echo(f"{destination}: {spec.describe()}")

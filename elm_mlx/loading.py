@@ -1,0 +1,70 @@
+"""Loading model directories (plain or quantized) into the MLX twin, with optional adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from elm_mlx.model import Model
+from elm_spec import ElmError, ModelSpec
+from elm_spec.modeldir import check_tensors, read_config, read_spec
+from elm_spec.tokenizer import require_tokenizer
+
+
+class _SpecArgs:
+    """What mlx-lm's loader calls `ModelArgs`: here the ModelSpec read from config.json."""
+
+    @staticmethod
+    def from_dict(config: dict[str, Any]) -> ModelSpec:
+        return ModelSpec.from_config(config)
+
+
+def _model_classes(config: dict[str, Any]) -> tuple[type[nn.Module], type]:
+    return Model, _SpecArgs
+
+
+def load_model(path: str | os.PathLike[str], lazy: bool = False) -> Model:
+    """The MLX twin of a model directory; quantized weights are loaded quantized."""
+    directory = Path(path)
+    read_spec(directory)
+    config = read_config(directory)
+    check_tensors(directory, ModelSpec.from_config(config), config.get("quantization"))
+    try:
+        model, _ = mlx_lm_load_model(directory, lazy=lazy, get_model_classes=_model_classes)
+    except ValueError as error:
+        raise ElmError(f"{directory}: cannot load weights ({error})") from None
+    return model
+
+
+def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
+    from mlx_lm.utils import load_adapters as mlx_lm_load_adapters
+
+    directory = Path(adapter_path)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (directory / name).is_file():
+            raise ElmError(f"{directory}: no {name} (not an adapter directory)")
+    try:
+        mlx_lm_load_adapters(model, str(directory))
+    except ValueError as error:
+        first_line = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first_line[:3])
+        raise ElmError(f"{directory}: adapters do not fit this model ({detail})") from None
+    model.eval()
+    return model
+
+
+def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | None = None,
+         lazy: bool = False) -> tuple[Model, TokenizerWrapper]:
+    """`(model, tokenizer)` for a model directory, as `mlx_lm.load` returns them."""
+    require_tokenizer(path)
+    model = load_model(path, lazy=lazy)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
+    tokenizer = load_tokenizer(Path(path), eos_token_ids=model.spec.eos_token_id)
+    return model, tokenizer

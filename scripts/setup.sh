@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-step set-up: a virtual environment in .venv with elm and everything its tests need.
+# Linux: the CPU build of PyTorch, MLX's CPU wheel, and (as root) Debian's OpenBLAS and WordNet.
+# macOS: MLX with Metal; add PyTorch yourself if you also train on the Mac.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  if ! dpkg -s libopenblas0-pthread wordnet-base wordnet-sense-index >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      libopenblas0-pthread wordnet-base wordnet-sense-index >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "$(uname -s)" = "Linux" ]; then
+  # The CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[all]"
+echo "elm is installed in .venv: run 'source .venv/bin/activate', then 'elm doctor'."
