@@ -8,8 +8,9 @@ N multipliers is taken as given (that is what HF config.json files carry for the
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -43,9 +44,13 @@ def _as_multipliers(value: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelSpec:
-    """Shape of an OpenELM-style decoder. Fields and their names follow HF apple/OpenELM."""
+    """Shape of an OpenELM-style decoder. Fields and their names follow HF apple/OpenELM.
+
+    Two specs are equal when they describe the same model: `(0.5, 4.0)` and the expanded
+    per-layer list it produces are the same FFN multipliers.
+    """
 
     num_transformer_layers: int
     model_dim: int
@@ -65,7 +70,7 @@ class ModelSpec:
     bos_token_id: int = 1
     eos_token_id: int = 2
     # Explicit per-layer query heads, when a config gives heads that the multipliers do not imply.
-    query_heads_override: tuple[int, ...] | None = field(default=None, compare=True)
+    query_heads_override: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "qkv_multipliers", _as_multipliers(self.qkv_multipliers))
@@ -73,6 +78,12 @@ class ModelSpec:
         if self.query_heads_override is not None:
             object.__setattr__(self, "query_heads_override", tuple(int(h) for h in self.query_heads_override))
         self._validate()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelSpec) and self.to_config() == other.to_config()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_config(), sort_keys=True))
 
     # ----- validation -------------------------------------------------------------------
     def _validate(self) -> None:
