@@ -4,8 +4,9 @@ The corpus is real text every machine has: the Python standard library's sources
 files, as JSONL (one file per document), repeated until it reaches --megabytes. A tokenizer
 of --vocab-size pieces is trained on a sample of it first. The two settings alternate
 (1, 2, 1, 2, ...) so that load from other processes hits both alike; the best run of each is
-reported, with MB/s of source bytes, tokens/s, and the CPU seconds the writing (parent)
-process used.
+reported, with MB/s of source bytes, tokens/s, and the CPU seconds used by the writing
+(parent) process and by the workers: equal worker CPU for 1 and 2 workers means the parallel
+path adds no work, so any shortfall from 2x is cores taken by other processes.
 
     python benchmarks/bench_data.py --megabytes 60 --repeats 3
 """
@@ -51,19 +52,25 @@ def write_corpus(path: Path, documents: list[str], megabytes: float) -> int:
 
 def timed_prepare(corpus: Path, tokenizer: Path, workers: int, scratch: Path) -> dict[str, float]:
     out = scratch / f"data-{workers}"
-    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    before = _cpu_seconds()
     start = time.perf_counter()
     prepare_data([corpus], tokenizer, out, PrepareOptions(workers=workers), force=True,
                  show_progress=False)
     seconds = time.perf_counter() - start
-    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    after = _cpu_seconds()
     stats = read_index(out).stats
     shutil.rmtree(out)
     tokens = stats["tokens"]["train"] + stats["tokens"]["valid"]
     return {"seconds": seconds, "mb_per_s": stats["source_bytes"] / 1e6 / seconds,
             "tokens_per_s": tokens / seconds, "tokens": tokens,
-            "writer_cpu_s": (self_after.ru_utime + self_after.ru_stime
-                             - self_before.ru_utime - self_before.ru_stime)}
+            "writer_cpu_s": after[0] - before[0], "worker_cpu_s": after[1] - before[1]}
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process and by its finished children (the workers)."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -90,15 +97,17 @@ def main() -> None:
                 runs[workers].append(result)
                 print(f"  repeat {repeat + 1}, {workers} worker(s): {result['seconds']:.1f} s, "
                       f"{result['mb_per_s']:.2f} MB/s, {result['tokens_per_s']:,.0f} tokens/s, "
-                      f"writer CPU {result['writer_cpu_s']:.1f} s", flush=True)
+                      f"writer CPU {result['writer_cpu_s']:.1f} s, workers CPU {result['worker_cpu_s']:.1f} s",
+                      flush=True)
         best = {w: min(r, key=lambda x: x["seconds"]) for w, r in runs.items()}
         assert len({b["tokens"] for b in best.values()}) == 1, "runs disagree on the token count"
         a, b = args.workers
-        print("\n| workers | best time (s) | MB/s | tokens/s | writer CPU (s) |")
-        print("|---|---|---|---|---|")
+        print("\n| workers | best time (s) | MB/s | tokens/s | writer CPU (s) | workers CPU (s) |")
+        print("|---|---|---|---|---|---|")
         for workers, result in best.items():
             print(f"| {workers} | {result['seconds']:.1f} | {result['mb_per_s']:.2f} | "
-                  f"{result['tokens_per_s']:,.0f} | {result['writer_cpu_s']:.1f} |")
+                  f"{result['tokens_per_s']:,.0f} | {result['writer_cpu_s']:.1f} | "
+                  f"{result['worker_cpu_s']:.1f} |")
         print(f"\nspeed-up {b} vs {a} workers: {best[a]['seconds'] / best[b]['seconds']:.2f}x "
               f"(best of {args.repeats}; median "
               f"{_median(runs[a]) / _median(runs[b]):.2f}x)")

@@ -227,6 +227,18 @@ def _plan_parquet(file: SourceFile, text_key: str) -> Iterator[RowGroup]:
 
 
 def read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
+    try:
+        return _read_chunk(chunk, options)
+    except OSError as error:
+        raise ElmError(f"{error.filename or _chunk_path(chunk)}: cannot read "
+                       f"({error.strerror or error})") from None
+
+
+def _chunk_path(chunk: Chunk) -> Path:
+    return chunk.files[0].path if isinstance(chunk, FileGroup) else chunk.file.path
+
+
+def _read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
     documents = Documents()
     if isinstance(chunk, FileGroup):
         for file in chunk.files:
@@ -320,7 +332,14 @@ def _count_newlines(path: Path, limit: int) -> int:
 def _read_row_group(chunk: RowGroup, text_key: str, documents: Documents) -> None:
     import pyarrow.parquet as pq
 
-    column = pq.ParquetFile(chunk.file.path).read_row_group(chunk.row_group, columns=[text_key])
+    try:
+        column = pq.ParquetFile(chunk.file.path).read_row_group(chunk.row_group,
+                                                                columns=[text_key])
+    except OSError:
+        raise
+    except Exception as error:  # pyarrow raises several types for corrupt data
+        raise ElmError(f"{chunk.file.path}: row group {chunk.row_group} is unreadable "
+                       f"({error})") from None
     values = column.column(0).to_pylist()
     for row, value in enumerate(values, start=chunk.first_row):
         if isinstance(value, bytes):
