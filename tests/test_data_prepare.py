@@ -255,3 +255,19 @@ def test_writer_packs_large_vocab_ids_as_little_endian_uint32(tmp_path):
     raw = np.concatenate([np.fromfile(s.path, dtype="<u4") for s in data.splits["train"]])
     assert np.array_equal(raw, expected)
     assert np.array_equal(split_stream(tmp_path, "valid"), pieces[2])
+
+
+def test_format_option_reads_any_file_name_as_text(tokenizer_dir, tmp_path):
+    texts = stdlib_texts(3)
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    for number, text in enumerate(texts):
+        (tmp_path / "src" / "pkg" / f"m{number}.py").write_text(text)
+    (tmp_path / "src" / ".hidden.py").write_text("ignored")
+    with pytest.raises(ElmError, match=r"m0\.py: unknown file type"):
+        prepare_data([tmp_path / "src"], tokenizer_dir, tmp_path / "out", show_progress=False)
+    options = PrepareOptions(source_format="txt", min_chars=0, min_tokens=0, valid_fraction=0,
+                             workers=1)
+    stats = prepare_data([tmp_path / "src"], tokenizer_dir, tmp_path / "out", options,
+                         show_progress=False)
+    assert documents_of(split_stream(tmp_path / "out", "train")) == reference_tokens(tokenizer_dir, texts)
+    assert stats["source_files"] == 3
