@@ -271,3 +271,27 @@ def test_format_option_reads_any_file_name_as_text(tokenizer_dir, tmp_path):
                          show_progress=False)
     assert documents_of(split_stream(tmp_path / "out", "train")) == reference_tokens(tokenizer_dir, texts)
     assert stats["source_files"] == 3
+
+
+def test_only_a_few_chunks_per_worker_are_in_flight(tokenizer_dir, tmp_path):
+    from elm_train.data.prepare import CHUNKS_IN_FLIGHT_PER_WORKER, tokenize_in_order
+    from elm_train.data.sources import expand_sources, plan_chunks
+
+    path = tmp_path / "many.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps({"text": f"line {i} " * 30}) + "\n"
+                                           for i in range(400)).encode()))
+    options = PrepareOptions(min_chars=0, min_tokens=0, workers=2, chunk_bytes=2048)
+    planned = list(plan_chunks(expand_sources([path]), options.read_options, options.chunk_bytes))
+    drawn = 0
+
+    def counted():
+        nonlocal drawn
+        for chunk in planned:
+            drawn += 1
+            yield chunk
+
+    results = 0
+    for results, _ in enumerate(tokenize_in_order(counted(), tokenizer_dir / "tokenizer.model",
+                                                   options), start=1):
+        assert drawn - results <= CHUNKS_IN_FLIGHT_PER_WORKER * options.workers
+    assert results == drawn == len(planned) > 4 * CHUNKS_IN_FLIGHT_PER_WORKER * options.workers
