@@ -1,0 +1,66 @@
+"""`elm data prepare`: tokenize text corpora into packed token shards for `elm train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+FORMAT_HELP = "Read every source as this format: txt, jsonl, jsonl.gz or parquet (default: by name)."
+
+
+def register(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("prepare")
+    def prepare(
+        sources: list[str] = typer.Argument(
+            ..., help="Files, directories (searched recursively) or globs: .txt, .jsonl, "
+                      ".json.gz/.jsonl.gz, .parquet."),
+        tokenizer: Path = typer.Option(..., "--tokenizer",
+                                       help="tokenizer.model, or a directory holding one."),
+        out: Path = typer.Option(..., "--out", help="Data directory to create."),
+        text_key: str = typer.Option("text", "--text-key",
+                                     help="JSON key or Parquet column holding the text."),
+        text_per_line: bool = typer.Option(False, "--text-per-line",
+                                           help="Plain text: each line is a document "
+                                                "(default: each file is one)."),
+        source_format: str = typer.Option(None, "--format", help=FORMAT_HELP),
+        min_chars: int = typer.Option(200, "--min-chars",
+                                      help="Drop documents with fewer characters (CoreNet's "
+                                           "count: lowercased, punctuation removed)."),
+        min_tokens: int = typer.Option(256, "--min-tokens",
+                                       help="Drop documents with fewer tokens."),
+        valid_fraction: float = typer.Option(0.01, "--valid-fraction",
+                                             help="Share of documents held out as `valid`."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the train/valid assignment."),
+        shard_tokens: int = typer.Option(100_000_000, "--shard-tokens",
+                                         help="Tokens per shard file."),
+        workers: int = typer.Option(None, "--workers",
+                                    help="Tokenizing processes (default: all cores)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    ) -> None:
+        """Filter, tokenize and pack text into token shards with a held-out split."""
+        from elm_train.data.prepare import PrepareOptions, default_workers, prepare_data
+
+        options = PrepareOptions(
+            text_key=text_key, text_per_line=text_per_line, source_format=source_format,
+            min_chars=min_chars, min_tokens=min_tokens, valid_fraction=valid_fraction, seed=seed,
+            shard_tokens=shard_tokens, workers=workers or default_workers())
+        stats = prepare_data(sources, tokenizer, out, options, force=force)
+        typer.echo(describe_stats(out, stats, options))
+        if valid_fraction > 0 and stats["documents"]["valid"] == 0:
+            typer.echo(f"warning: no document fell in the valid split "
+                       f"(--valid-fraction {valid_fraction} of {stats['documents_kept']} documents)",
+                       err=True)
+
+
+def describe_stats(out: Path, stats: dict, options) -> str:
+    tokens, documents = stats["tokens"], stats["documents"]
+    return (f"{out}: {stats['documents_kept']} of {stats['documents_read']} documents kept "
+            f"({stats['dropped_min_chars']} under {options.min_chars} characters, "
+            f"{stats['dropped_min_tokens']} under {options.min_tokens} tokens, "
+            f"{stats['undecodable_skipped']} undecodable); "
+            f"train {tokens['train']:,} tokens in {documents['train']} documents, "
+            f"valid {tokens['valid']:,} tokens in {documents['valid']} documents")
