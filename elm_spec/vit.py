@@ -226,3 +226,11 @@ def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     mean_array = np.asarray(mean, dtype=np.float32)
     std_array = np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(((pixels - mean_array) / std_array).transpose(2, 0, 1))
+
+
+def to_mlx_layout(name: str, array: np.ndarray) -> np.ndarray:
+    """One tensor of a torch-layout CatLIP ViT in MLX's layout: convolution weights go from
+    [out, in, kh, kw] to [out, kh, kw, in]; everything else is unchanged."""
+    if name.startswith("stem.conv") and name.endswith(".weight") and array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+    return array

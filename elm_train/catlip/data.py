@@ -177,9 +177,7 @@ class ShardedBatchLoader:
     def _start(self) -> None:
         self.dataset.epoch = self.epoch
         loader = DataLoader(self.dataset, batch_sampler=self._index_batches(), collate_fn=collate,
-                            num_workers=self.num_workers,
-                            persistent_workers=False, multiprocessing_context=(
-                                "spawn" if self.num_workers else None))
+                            num_workers=self.num_workers)
         self._iterator = iter(loader)
 
     def __iter__(self) -> ShardedBatchLoader:
@@ -263,5 +261,4 @@ def iterate_once(dataset: ImageLabelDataset, batch_size: int, num_workers: int =
                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Every sample once, in order, in batches of at most batch_size (for evaluation)."""
     return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                           num_workers=num_workers,
-                           multiprocessing_context="spawn" if num_workers else None))
+                           num_workers=num_workers))

@@ -24,9 +24,10 @@ def draw_shape(shape: str, colour: str, background: str, size: int, rng: random.
 
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
-    extent = rng.uniform(0.45, 0.7) * size
-    left = rng.uniform(0, size - extent)
-    top = rng.uniform(0, size - extent)
+    # kept clear of the borders, so that crops and centre crops keep the whole shape
+    extent = rng.uniform(0.5, 0.7) * size
+    left = (size - extent) / 2 + rng.uniform(-0.08, 0.08) * size
+    top = (size - extent) / 2 + rng.uniform(-0.08, 0.08) * size
     box = (left, top, left + extent, top + extent)
     fill = COLOURS[colour]
     if shape == "circle":

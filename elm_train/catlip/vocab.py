@@ -105,7 +105,7 @@ def label_sources(paths: Sequence[Path], workers: int,
         return results
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(names))) as pool:
+    with multiprocessing.Pool(min(workers, len(names))) as pool:
         for result in pool.imap(label_source, names):
             results.append(result)
             if progress:
