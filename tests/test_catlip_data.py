@@ -109,9 +109,9 @@ def test_random_resized_crop_box_stays_inside_and_in_scale():
     areas = []
     for _ in range(500):
         left, top, w, h = random_resized_crop_box(60, 40, rng, scale=(0.3, 1.0))
-        assert 0 <= left and left + w <= 60 and 0 <= top and top + h <= 40
+        assert left >= 0 and left + w <= 60 and top >= 0 and top + h <= 40
         areas.append(w * h / 2400)
-    assert 0.28 <= min(areas) and max(areas) <= 1.0 and max(areas) - min(areas) > 0.4
+    assert min(areas) >= 0.28 and max(areas) <= 1.0 and max(areas) - min(areas) > 0.4
     # a 30:1 image admits no crop of ratio <= 4:3 at that scale: the centred fallback
     left, top, w, h = random_resized_crop_box(300, 10, random.Random(1), scale=(0.99, 1.0))
     assert (w, h) == (13, 10) and left == (300 - 13) // 2

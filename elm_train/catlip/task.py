@@ -1,6 +1,7 @@
 """`task: catlip` and `task: clip` for `elm train`: the training engine's task interface.
 
 Config keys (besides the engine's own):
+- `model.text` (clip only): text tower keys of TextSpec (default: CoreNet's CLIP shape).
 - `model.preset`: a ViT preset (vit-test, vit-tiny, vit-small, vit-base, vit-large, vit-huge),
   or `model.spec`: a YAML/JSON file of ViTSpec keys; `model.init_from`: a CatLIP model
   directory to start from. The patch size comes from the spec, the image size from data.
@@ -196,8 +197,14 @@ class CLIPTask(CatLIPTask):
                            "tokenizer.model)")
         from elm_spec.tokenizer import Tokenizer
 
-        return TextSpec(vocab_size=Tokenizer(self.data.tokenizer).vocab_size,
-                        context_length=self.data.context_length)
+        shape = dict(self.model_config.get("text") or {})
+        unknown = sorted(set(shape) - {f.name for f in dataclasses.fields(TextSpec)})
+        if unknown:
+            raise ElmError(f"unknown key model.text.{unknown[0]}; known: "
+                           f"{', '.join(f.name for f in dataclasses.fields(TextSpec))}")
+        shape.update(vocab_size=Tokenizer(self.data.tokenizer).vocab_size,
+                     context_length=self.data.context_length)
+        return TextSpec(**shape)
 
     def _text_encoder(self):
         return TextEncoder(self.data.tokenizer, self.data.context_length)
