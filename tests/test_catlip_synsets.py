@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from elm_train.catlip.synsets import DEBIAN_WORDNET_DIR, SynsetExtractor, preprocess_caption
+from elm_train.catlip.synsets import (
+    DEBIAN_WORDNET_DIR,
+    WORDNET_FILES,
+    SynsetExtractor,
+    build_nltk_wordnet,
+    preprocess_caption,
+    shared_extractor,
+)
 from tests.conftest import run_elm
 
 
 @pytest.fixture(scope="module")
 def extractor() -> SynsetExtractor:
-    return SynsetExtractor()
+    return shared_extractor()
 
 
 def wordnet_root(extractor: SynsetExtractor) -> Path:
@@ -87,29 +93,40 @@ def test_agrees_with_the_wordnet_database_on_varied_captions(extractor):
     assert extractor.lemmatize("buses") == "bus"
 
 
-def test_missing_wordnet_names_how_to_install(tmp_path):
+def test_missing_wordnet_names_how_to_install(tmp_path, monkeypatch):
+    import nltk
+
+    from elm_spec import ElmError
+    from elm_train.catlip.synsets import ensure_wordnet
+
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"NLTK_DATA": str(empty), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "ELM_WORDNET_DIR": str(empty)}
-    result = run_elm("catlip", "synsets", "a dog", env=env)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: WordNet 3.0 not found")
-    assert "nltk.downloader wordnet" in result.stderr and "wordnet-sense-index" in result.stderr
+    monkeypatch.setattr(nltk.data, "path", [str(empty)])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("ELM_WORDNET_DIR", str(empty))
+    with pytest.raises(ElmError) as error:
+        ensure_wordnet()
+    message = str(error.value)
+    assert message.startswith("WordNet 3.0 not found")
+    assert "nltk.downloader wordnet" in message and "wordnet-sense-index" in message
     assert not (tmp_path / "cache" / "elm").exists()
 
 
-def test_synsets_command_on_wordnet_built_from_the_debian_files(tmp_path):
+def test_nltk_wordnet_dir_is_built_from_the_debian_files(tmp_path):
     if not Path(DEBIAN_WORDNET_DIR, "data.noun").is_file():
         pytest.skip("Debian's wordnet-base is not installed")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    env = {"NLTK_DATA": str(empty), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c")}
-    result = run_elm("catlip", "synsets", "A dog%20and+two <b>cats</b>", env=env)
+    built = build_nltk_wordnet(Path(DEBIAN_WORDNET_DIR), tmp_path) / "corpora" / "wordnet"
+    lexnames = (built / "lexnames").read_text().splitlines()
+    assert len(lexnames) == 45 and lexnames[5] == "05\tnoun.animal\t1"
+    assert lexnames[44] == "44\tadj.ppl\t3"
+    for name in WORDNET_FILES:
+        assert (built / name).read_bytes() == (Path(DEBIAN_WORDNET_DIR) / name).read_bytes()
+    assert first_noun_sense(built, "dog") == ("n2084071", "dog.n.01")
+    assert not list(tmp_path.glob("corpora/.wordnet.tmp-*"))  # staged, then renamed
+
+
+def test_synsets_command_prints_id_and_name():
+    result = run_elm("catlip", "synsets", "A dog%20and+two <b>cats</b>")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["n2084071 dog.n.01", "n13743269 two.n.01",
                                           "n2121620 cat.n.01"]
-    built = tmp_path / "c" / "elm" / "nltk_data" / "corpora" / "wordnet"
-    lexnames = (built / "lexnames").read_text().splitlines()
-    assert len(lexnames) == 45 and lexnames[5] == "05\tnoun.animal\t1"
-    assert os.path.getsize(built / "data.noun") == os.path.getsize(Path(DEBIAN_WORDNET_DIR) / "data.noun")

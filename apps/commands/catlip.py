@@ -23,9 +23,9 @@ def _progress():
 @catlip_app.command("synsets")
 def synsets(text: str = typer.Argument(..., help="A caption.")) -> None:
     """Print the synsets CatLIP labels TEXT with: one line per kept word, `id name`."""
-    from elm_train.catlip.synsets import SynsetExtractor
+    from elm_train.catlip.synsets import shared_extractor
 
-    for synset in SynsetExtractor()(text):
+    for synset in shared_extractor()(text):
         typer.echo(f"{synset.id} {synset.name}")
 
 

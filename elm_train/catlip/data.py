@@ -226,11 +226,11 @@ def caption_labels(paths: Sequence[str | Path], vocab_dir: str | Path,
                    vocab_ids: Sequence[str]) -> CaptionLabels:
     """Samples with images and their label indices (from the vocabulary's label cache, else
     computed here with WordNet). Synsets outside the vocabulary are dropped, as in CoreNet."""
-    from elm_train.catlip.synsets import SynsetExtractor
+    from elm_train.catlip.synsets import shared_extractor
     from elm_train.catlip.vocab import cached_labels
 
     index = {synset: i for i, synset in enumerate(vocab_ids)}
-    extractor: SynsetExtractor | None = None
+    extractor = None
     result = CaptionLabels([], [], 0, 0)
     for path in expand_sources(paths):
         if path.suffix == ".txt":
@@ -242,7 +242,7 @@ def caption_labels(paths: Sequence[str | Path], vocab_dir: str | Path,
             if cache is not None and sample.key in cache:
                 ids = cache[sample.key]
             elif sample.caption.strip():
-                extractor = extractor or SynsetExtractor()
+                extractor = extractor or shared_extractor()
                 ids = extractor.ids(sample.caption)
             else:
                 ids = []

@@ -20,6 +20,7 @@ database, canonical offsets) in the user cache directory.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -101,7 +102,7 @@ def build_nltk_wordnet(source: Path, data_dir: Path) -> Path:
     try:
         for name in WORDNET_FILES + OPTIONAL_WORDNET_FILES:
             if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
+                shutil.copy2(source / name, staging / name)
         (staging / "lexnames").write_text("".join(
             f"{number:02d}\t{name}\t{category}\n" for number, (name, category) in enumerate(LEXNAMES)))
         try:
@@ -139,10 +140,11 @@ class Synset:
 
 
 def _index_cache_file(root: Path) -> Path:
-    """Where the parsed lemma index of the WordNet at ROOT is kept (keyed by its files)."""
+    """Where the parsed lemma index of the WordNet at ROOT is kept, keyed by its files' sizes
+    and times (kept by the copy from the Debian files, so every copy shares one index)."""
     import hashlib
 
-    stamp = [str(root.resolve())]
+    stamp = []
     for name in ("index.noun", "index.verb", "index.adj", "index.adv", "data.adj"):
         stat = (root / name).stat()
         stamp.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
@@ -266,6 +268,12 @@ class SynsetExtractor:
                                "e.g. n2084071)") from None
             self._offsets[synset_id] = synset.name()
         return self._offsets[synset_id]
+
+
+@functools.lru_cache(maxsize=1)
+def shared_extractor() -> SynsetExtractor:
+    """One SynsetExtractor per process (WordNet loads once)."""
+    return SynsetExtractor()
 
 
 def unique_in_order(ids: Iterable[str]) -> list[str]:

@@ -62,9 +62,9 @@ def class_synsets(classes: list[str], vocabulary: tuple[str, ...]) -> list[int |
             rows.append(row_of.get(f"{match.group(1)}{int(match.group(2))}"))
             continue
         if extractor is None:
-            from elm_train.catlip.synsets import SynsetExtractor
+            from elm_train.catlip.synsets import shared_extractor
 
-            extractor = SynsetExtractor()
+            extractor = shared_extractor()
         ids = [i for i in extractor.ids(name.replace("_", " ")) if i in row_of]
         rows.append(row_of[ids[-1]] if ids else None)  # the head noun of "sports car" is last
     return rows

@@ -28,7 +28,7 @@ from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir, read_json, write_json
 from elm_spec.vit import VOCAB_JSON, VOCAB_PICKLE
 from elm_train.catlip.sources import expand_sources, read_samples
-from elm_train.catlip.synsets import SynsetExtractor, unique_in_order
+from elm_train.catlip.synsets import shared_extractor, unique_in_order
 
 VOCAB_FORMAT = "elm-catlip-vocab-v1"
 LABELS_DIR = "labels"
@@ -62,19 +62,9 @@ class Vocabulary:
         return Vocabulary(self.ids[:k], self.names[:k], self.counts[:k])
 
 
-_extractor: SynsetExtractor | None = None
-
-
-def _worker_extractor() -> SynsetExtractor:
-    global _extractor
-    if _extractor is None:
-        _extractor = SynsetExtractor()
-    return _extractor
-
-
 def label_source(path: str) -> SourceLabels:
     """Run the caption -> synsets procedure over one data file (in a worker process)."""
-    extractor = _worker_extractor()
+    extractor = shared_extractor()
     stat = os.stat(path)
     result = SourceLabels(path, stat.st_size, stat.st_mtime_ns, {})
     for sample in read_samples(Path(path)):
