@@ -224,7 +224,6 @@ class SynsetExtractor:
         self._sentences = PunktSentenceTokenizer()
         self._words = NLTKWordTokenizer()
         self._by_word: dict[str, Synset | None] = {}
-        self._offsets: dict[str, str] = {}
 
     def lemmatize(self, word: str) -> str:
         """WordNetLemmatizer.lemmatize(word) (noun): the shortest morphy lemma, else the word."""
@@ -257,17 +256,6 @@ class SynsetExtractor:
 
     def ids(self, caption: str) -> list[str]:
         return [synset.id for synset in self(caption)]
-
-    def name_of(self, synset_id: str) -> str:
-        """`n2084071` -> `dog.n.01`."""
-        if synset_id not in self._offsets:
-            try:
-                synset = self._wordnet.synset_from_pos_and_offset(synset_id[0], int(synset_id[1:]))
-            except (self._wordnet_error, ValueError, IndexError):
-                raise ElmError(f"{synset_id!r} is not a WordNet synset id (pos + offset, "
-                               "e.g. n2084071)") from None
-            self._offsets[synset_id] = synset.name()
-        return self._offsets[synset_id]
 
 
 @functools.lru_cache(maxsize=1)

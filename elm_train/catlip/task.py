@@ -164,8 +164,9 @@ class CatLIPTask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["images"])
-        loss = catlip_loss(logits, batch["labels"])
+        images, device = model_inputs(model, batch)
+        logits = model(images)
+        loss = catlip_loss(logits, batch["labels"].to(device))
         return loss, {"skipped_images": float(batch["skipped_images"])}
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
@@ -179,6 +180,13 @@ class CatLIPTask:
         config = CatLIPConfig(vit=self.spec, synsets=self.vocabulary.ids,
                               names=self.vocabulary.names, mean=self.data.mean, std=self.data.std)
         return save_catlip_dir(model_state, config, destination, self.data.vocab, force=force)
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.device]:
+    """The batch's images on the model's device in its parameter dtype, and that device."""
+    parameter = next(model.parameters())
+    return batch["images"].to(parameter.device, parameter.dtype), parameter.device
 
 
 def catlip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -216,15 +224,16 @@ class CLIPTask(CatLIPTask):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        image_features, text_features, scale = model(batch["images"], batch["text"])
+        images, device = model_inputs(model, batch)
+        image_features, text_features, scale = model(images, batch["text"].to(device))
         loss = contrastive_loss(image_features, text_features, scale)
         return loss, {"skipped_images": float(batch["skipped_images"]),
                       "logit_scale": float(scale.detach())}
 
     def export(self, model_state: Mapping[str, torch.Tensor], destination: str | Path,
                force: bool = False) -> Path:
-        """The image tower as a CatLIP-format directory without a classifier head would be
-        ambiguous; CLIP runs export the whole model with both specs in config.json."""
+        """Both towers and projections in model.safetensors, both shapes in config.json
+        (model_type "catlip_clip")."""
         from safetensors.torch import save_file
 
         from elm_spec.modeldir import atomic_output_dir, write_json
