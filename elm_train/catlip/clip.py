@@ -69,6 +69,11 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(text.width, text.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        """Both towers' blocks: the units FSDP shards and activation checkpointing wraps."""
+        return [*self.image_encoder.blocks, *self.text_encoder.blocks]
+
     def forward(self, images: torch.Tensor, text: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image_features = F.normalize(self.image_projection(self.image_encoder.features(images)), dim=-1)

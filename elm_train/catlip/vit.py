@@ -86,6 +86,11 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
         self.head = nn.Linear(spec.embed_dim, spec.num_classes)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer blocks: the units FSDP shards and activation checkpointing wraps."""
+        return self.blocks
+
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """The learned grid, bilinearly resized when the input is not image_size (CoreNet)."""
         grid = self.spec.grid_size
