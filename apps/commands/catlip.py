@@ -38,8 +38,7 @@ def vocab(
     workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
 ) -> None:
-    """Count caption synsets over a corpus; write vocab.json, CoreNet's vocab.pkl and the
-    per-sample label cache."""
+    """Count caption synsets; write vocab.json, CoreNet's vocab.pkl and the label cache."""
     from elm_train.catlip.sources import expand_sources
     from elm_train.catlip.vocab import build_vocab
 
@@ -117,8 +116,7 @@ def transfer(
     out: Path = typer.Option(None, "--out", help="Write the fine-tuned (transfer-init) model."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Fine-tune on a labeled folder from CatLIP's synset-initialised classifier and from a
-    random one; report both held-out accuracies."""
+    """Fine-tune on a labeled folder from synset-initialised and random heads; report both."""
     from elm_spec.vit import CatLIPConfig
     from elm_train.catlip.modeldir import load_catlip_model, save_catlip_dir
     from elm_train.catlip.transfer import run_transfer
