@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["OpenELM", "load_model", "save_model_dir"]
 
-# Imported on first use, so that torch-free parts (data preparation) start without torch.
+# Imported on first use, so that torch-free parts (data preparation, CatLIP caption tools) start without torch.
 _EXPORTS = {"OpenELM": "elm_train.model", "load_model": "elm_train.modeldir",
             "save_model_dir": "elm_train.modeldir"}
 

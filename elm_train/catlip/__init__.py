@@ -1,0 +1,1 @@
+"""CatLIP: image-text pre-training as classification over WordNet synsets mined from captions."""
