@@ -23,7 +23,7 @@ from elm_spec.modeldir import (
     write_weight_index,
 )
 from elm_spec.tokenizer import write_tokenizer_files
-from elm_train.model import AttentionBackend, OpenELM
+from elm_train.model import AttentionBackend, OpenELM, RotaryEmbedding
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -61,7 +61,9 @@ def load_model(path: str | os.PathLike[str], dtype: str | None = None,
     with torch.device("meta"):
         model = OpenELM(spec, attention=attention)
     model.load_state_dict(state, strict=True, assign=True)
-    model.transformer.rope._build(spec.rope_max_length, device=torch.device("cpu"))
+    # The rotary tables are not in the state dict; build them for real (they were on meta).
+    model.transformer.rope = RotaryEmbedding(spec.head_dim, spec.rope_freq_constant,
+                                             spec.rope_max_length)
     target_dtype = torch_dtype(dtype) if dtype else next(iter(state.values())).dtype
     return model.to(device=device, dtype=target_dtype).eval()
 
