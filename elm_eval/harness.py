@@ -21,7 +21,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from elm_eval.backend import DEFAULT_BATCH_SIZE, load_eval_model, window_count
+from elm_eval.backend import DEFAULT_BATCH_SIZE, default_backend, load_eval_model, window_count
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,21 @@ def _batch_size(value: Any) -> int:
     return int(value)
 
 
+def _device(backend: str, device: str | None) -> str | None:
+    """lm-eval passes --device (default cuda:0) to every model; keep what this backend can use."""
+    if device is None:
+        return None
+    if backend == "mlx":
+        return device if device in ("cpu", "gpu") else None
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            logger.warning("device %s is not available; the elm model runs on the CPU", device)
+            return None
+    return device
+
+
 @register_model("elm")
 class ElmLM(TemplateLM):
     def __init__(self, pretrained: str, backend: str | None = None,
@@ -44,9 +59,10 @@ class ElmLM(TemplateLM):
         super().__init__()
         if unused:
             logger.warning("elm model ignores model_args %s", ", ".join(sorted(unused)))
+        backend = backend or default_backend()
         self.model = load_eval_model(pretrained, backend=backend, adapter_path=adapter_path,
                                      batch_size=_batch_size(batch_size), max_length=max_length,
-                                     dtype=dtype, device=device)
+                                     dtype=dtype, device=_device(backend, device))
         self.tokenizer = self.model.tokenizer
         self.add_bos_token = add_bos_token
         self.max_gen_toks = max_gen_toks
