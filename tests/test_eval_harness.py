@@ -79,11 +79,22 @@ def _run_harness(backend: str, model_dir: Path, yamls: Path, names: list[str], o
         import elm_eval.harness  # noqa: F401  (registers the model)
 
         run = lm_eval.simple_evaluate(model="elm", model_args=model_args, tasks=names,
-                                      task_manager=TaskManager(include_path=str(yamls)),
+                                      task_manager=TaskManager(include_path=str(yamls),
+                                                               include_defaults=False),
                                       log_samples=True, batch_size=4)
         return run["results"], run["samples"]
+    import lm_eval.tasks
+
     from apps.cli import main
 
+    class LocalTasksOnly(lm_eval.tasks.TaskManager):
+        """lm-eval's command line indexes its thousands of built-in task files (tens of
+        seconds here); these tests need only the local YAMLs, which include what they use."""
+
+        def __init__(self, *args, include_defaults: bool = False, **kwargs):
+            super().__init__(*args, include_defaults=include_defaults, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
     monkeypatch.setattr("sys.argv", ["elm"])
     with pytest.raises(SystemExit) as exited:
         main(["eval", "harness", "--model", "elm", "--model_args", model_args, "--tasks",
