@@ -48,16 +48,16 @@ class MLXEvalModel(EvalModel):
         width = max(len(tokens) for tokens, _ in windows) - 1
         rows = [tokens[:-1] + [0] * (width - len(tokens) + 1) for tokens, _ in windows]
         logits = self.model(mx.array(rows))
-        results = []
+        totals, greedy = [], []
         for row, (tokens, start) in enumerate(windows):
             scored = logits[row, start - 1: len(tokens) - 1].astype(mx.float32)
             logprobs = scored - mx.logsumexp(scored, axis=-1, keepdims=True)
             targets = mx.array(tokens[start:])
-            total = mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum()
-            greedy = mx.all(mx.argmax(scored, axis=-1) == targets)
-            mx.eval(total, greedy)
-            results.append((total.item(), bool(greedy.item())))
-        return results
+            totals.append(mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum())
+            greedy.append(mx.all(mx.argmax(scored, axis=-1) == targets))
+        totals, greedy = mx.stack(totals), mx.stack(greedy)
+        mx.eval(totals, greedy)
+        return list(zip(totals.tolist(), greedy.tolist(), strict=True))
 
     def greedy_tokens(self, prompt: list[int], max_tokens: int) -> Iterator[int]:
         for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens):

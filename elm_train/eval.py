@@ -33,15 +33,15 @@ class TorchEvalModel(EvalModel):
         for row, (tokens, _) in enumerate(windows):
             inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
         logits = self.model(inputs.to(self.device))
-        results = []
+        totals, greedy = [], []
         for row, (tokens, start) in enumerate(windows):
             scored = logits[row, start - 1: len(tokens) - 1].float()
             logprobs = torch.log_softmax(scored, dim=-1)
             targets = torch.tensor(tokens[start:], device=self.device)
-            total = logprobs.gather(-1, targets[:, None]).sum().item()
-            greedy = bool((scored.argmax(dim=-1) == targets).all())
-            results.append((total, greedy))
-        return results
+            totals.append(logprobs.gather(-1, targets[:, None]).sum())
+            greedy.append((scored.argmax(dim=-1) == targets).all())
+        # One device-to-host copy for the whole batch.
+        return list(zip(torch.stack(totals).tolist(), torch.stack(greedy).tolist(), strict=True))
 
     @torch.inference_mode()
     def greedy_tokens(self, prompt: list[int], max_tokens: int) -> Iterator[int]:
