@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--documents", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-only", action="store_true",
+                        help="Only train and quantize (light on memory; no timing).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from tests.test_eval import write_quantized_dir
@@ -93,6 +95,8 @@ def main() -> None:
         if not target.is_dir():
             write_quantized_dir(fp32, target, bits=bits)
         quantized[bits] = target
+    if args.train_only:
+        return
     documents = held_out_documents(args.documents)
 
     rows = {}

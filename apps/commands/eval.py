@@ -121,8 +121,10 @@ def tasks(
                                                "ignore_unknown_options": True,
                                                "help_option_names": []})
 def harness(context: typer.Context) -> None:
-    """lm-eval-harness's command line with the `elm` model registered; every argument is
-    lm-eval's, e.g. --model elm --model_args pretrained=DIR,backend=mlx --tasks arc_easy."""
+    """Run lm-eval-harness with --model elm available (all arguments are lm-eval's).
+
+    Example: elm eval harness --model elm --model_args pretrained=DIR,backend=mlx --tasks arc_easy
+    """
     try:
         from lm_eval.__main__ import cli_evaluate
 
