@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-only", action="store_true",
                         help="Only train and quantize (light on memory; no timing).")
+    parser.add_argument("--measure", choices=("all", "perplexity", "speed"), default="all")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from tests.test_eval import write_quantized_dir
@@ -99,6 +100,16 @@ def main() -> None:
         return
     documents = held_out_documents(args.documents)
 
+    summary: dict[str, dict] = {}
+    if args.measure in ("all", "perplexity"):
+        summary["perplexity"] = perplexities(fp32, quantized, documents)
+    if args.measure in ("all", "speed"):
+        summary["tokens_per_second"] = throughput(fp32, quantized[4], documents, args.repeats)
+    (args.workdir / f"eval_bench_{args.measure}.json").write_text(
+        json.dumps(summary, indent=2, default=str))
+
+
+def perplexities(fp32: Path, quantized: dict[int, Path], documents: list[str]) -> dict:
     rows = {}
     rows["fp32 (torch)"] = evaluate_perplexity(load_eval_model(fp32, backend="torch"), documents)
     rows["fp32 (mlx)"] = evaluate_perplexity(load_eval_model(fp32, backend="mlx"), documents)
@@ -108,25 +119,29 @@ def main() -> None:
     rows["fp32 (torch), stride 128"] = evaluate_perplexity(
         load_eval_model(fp32, backend="torch"), documents, stride=128)
 
-    speed: dict[str, list[float]] = {"torch": [], "mlx": [], "mlx 4-bit": []}
-    models = {"torch": load_eval_model(fp32, backend="torch"),
-              "mlx": load_eval_model(fp32, backend="mlx"),
-              "mlx 4-bit": load_eval_model(quantized[4], backend="mlx")}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            speed[name].append(evaluate_perplexity(model, documents)["tokens_per_second"])
-
     print("\n| model | perplexity | bits/byte | tokens |\n|---|---:|---:|---:|")
     for name, row in rows.items():
         print(f"| {name} | {row['perplexity']:.3f} | {row['bits_per_byte']:.4f} | {row['tokens']:,} |")
+    assert all(math.isfinite(r["perplexity"]) for r in rows.values())
+    return rows
+
+
+def throughput(fp32: Path, q4: Path, documents: list[str], repeats: int) -> dict:
+    """Scored tokens per second, alternating the backends; best of REPEATS for each."""
+    speed: dict[str, list[float]] = {"torch": [], "mlx": [], "mlx 4-bit": []}
+    models = {"torch": load_eval_model(fp32, backend="torch"),
+              "mlx": load_eval_model(fp32, backend="mlx"),
+              "mlx 4-bit": load_eval_model(q4, backend="mlx")}
+    for _ in range(repeats):
+        for name, model in models.items():
+            speed[name].append(evaluate_perplexity(model, documents)["tokens_per_second"])
+
     best = {name: max(values) for name, values in speed.items()}
     print("\n| backend | best tokens/s | runs | vs torch |\n|---|---:|---:|---:|")
     for name, value in best.items():
         print(f"| {name} | {value:,.0f} | {', '.join(f'{v:,.0f}' for v in speed[name])} | "
               f"{value / best['torch']:.2f}x |")
-    summary = {"perplexity": rows, "tokens_per_second": speed}
-    (args.workdir / "eval_bench.json").write_text(json.dumps(summary, indent=2, default=str))
-    assert all(math.isfinite(r["perplexity"]) for r in rows.values())
+    return speed
 
 
 if __name__ == "__main__":
