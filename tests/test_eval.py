@@ -318,3 +318,23 @@ def test_bad_inputs_fail_with_one_clear_line(model_dir, task_dir, tmp_path):
         read_documents([blank])
     with pytest.raises(ElmError, match=r"line 1: missing field 'text' \(--text-key\)"):
         read_documents([task_dir / "piqa.jsonl"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_generate_until_cuts_before_the_first_stop_string(backend, model_dir):
+    model = load_eval_model(model_dir, backend=backend)
+    prompt = model.tokenizer.encode("def main():\n    return", bos=True)
+    tokens = list(model.greedy_tokens(prompt, 10))
+    # The greedy continuation computed independently: argmax of the twin's logits, step by step.
+    logits_of = reference_logits(backend, model_dir)
+    ids = list(prompt)
+    for token in tokens:
+        assert token == int(logits_of(ids)[-1].argmax())
+        ids.append(token)
+    eos = model.tokenizer.eos_id
+    full = model.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    assert len(full) >= 4
+    stop = full[2:4]
+    assert model.generate_until(prompt, ["never there", stop], 10) == full[: full.index(stop)]
+    assert model.generate_until(prompt, [], 10) == full
+    assert model.generate_until(prompt, [stop], 0) == ""
