@@ -1,0 +1,56 @@
+"""Results as JSON (written atomically) and as a markdown table like lm-eval's."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write DATA to PATH through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def tasks_markdown(results: Mapping[str, Mapping[str, float | None]]) -> str:
+    """| Task | Metric | Value | Stderr | n | rows, one per metric, then the average of acc."""
+    lines = ["| Task | Metric | Value | ± Stderr | n |", "|---|---|---:|---:|---:|"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "samples":
+                continue
+            lines.append(f"| {task} | {metric} | {_number(value)} | "
+                         f"{_number(metrics.get(f'{metric}_stderr'))} | "
+                         f"{int(metrics['samples'])} |")
+    if len(results) > 1:
+        average = sum(m["acc"] for m in results.values()) / len(results)
+        lines.append(f"| average | acc | {_number(average)} | | |")
+    return "\n".join(lines)
+
+
+def perplexity_markdown(result: Mapping[str, Any]) -> str:
+    rows = [("perplexity", f"{result['perplexity']:.4f}"),
+            ("bits per byte", f"{result['bits_per_byte']:.4f}"),
+            ("byte perplexity", f"{result['byte_perplexity']:.4f}"),
+            ("tokens", f"{result['tokens']:,}"), ("bytes", f"{result['bytes']:,}"),
+            ("documents", f"{result['documents']:,}"),
+            ("context / stride", f"{result['context_length']} / {result['stride']}"),
+            ("backend", result["backend"]),
+            ("tokens/s", f"{result['tokens_per_second']:,.0f}")]
+    return "\n".join(["| Metric | Value |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)])
