@@ -207,12 +207,19 @@ def atomic_output_dir(destination: str | os.PathLike[str], force: bool = False) 
         raise ElmError(f"{target}: already exists and is not empty (use --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would make the output private
     try:
         yield staging
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def replace_dir(source: Path, target: Path) -> None:
