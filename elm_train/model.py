@@ -37,14 +37,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float, max_length: int):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._build(max_length)
+        self.head_dim, self.base = head_dim, base
+        self.build(max_length)
 
-    def _build(self, length: int, device: torch.device | None = None) -> None:
-        positions = torch.arange(length, dtype=torch.float32, device=device or self.inv_freq.device)
-        freqs = torch.outer(positions, self.inv_freq.to(positions.device))
-        angles = torch.cat((freqs, freqs), dim=-1)
+    def build(self, length: int, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables for `length` positions, e.g. after loading on the meta device."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        inv_freq = 1.0 / (self.base ** exponents)
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, inv_freq).repeat(1, 2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
@@ -52,7 +53,7 @@ class RotaryEmbedding(nn.Module):
         """Rotate x of shape [batch, seq, heads, head_dim] for positions offset..offset+seq."""
         seq_len = x.shape[1]
         if offset + seq_len > self.cos.shape[0]:
-            self._build(offset + seq_len, device=x.device)
+            self.build(offset + seq_len, device=x.device)
         cos = self.cos[offset: offset + seq_len, None, :]
         sin = self.sin[offset: offset + seq_len, None, :]
         xf = x.float()

@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | None = None,
     with torch.device("meta"):
         model = OpenELM(spec, attention=attention)
     model.load_state_dict(state, strict=True, assign=True)
-    model.transformer.rope._build(spec.rope_max_length, device=torch.device("cpu"))
+    model.transformer.rope.build(spec.rope_max_length, device="cpu")
     target_dtype = torch_dtype(dtype) if dtype else next(iter(state.values())).dtype
     return model.to(device=device, dtype=target_dtype).eval()
 
