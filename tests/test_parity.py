@@ -18,6 +18,8 @@ from elm_train import load_model as load_torch_model
 TOLERANCE = 1e-4
 CONTINUATION = 32
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 # name -> spec; together they cover layer-wise and uniform layers, GQA groups 1, 2 and 4,
 # qk-norm on and off, tied and untied heads, with and without GLU, and odd widths.
 VARIANTS: dict[str, ModelSpec] = {
@@ -42,15 +44,6 @@ VARIANTS: dict[str, ModelSpec] = {
         num_transformer_layers=2, model_dim=128, head_dim=32, num_gqa_groups=4,
         qkv_multipliers=(1.0,), ffn_multipliers=(3.0,), ffn_dim_divisor=64, vocab_size=512),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """Tiny models gain nothing from threads, and idle OpenMP workers spin on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
