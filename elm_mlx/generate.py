@@ -11,6 +11,7 @@ without copying the weights. Prompt processing (many rows) stays on MLX.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,9 +34,13 @@ def _matvec(x: mx.array, weight: np.ndarray) -> mx.array:
     return mx.array(weight @ row).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _host_view(weight: mx.array) -> np.ndarray | None:
-    """A zero-copy NumPy view of a float32 row-major weight, or None where there is none."""
-    if weight.dtype != mx.float32:
+# Below this size sgemm's packing costs less than handing the product to NumPy and back.
+MATVEC_MIN_WEIGHT_BYTES = 4 * 2**20
+
+
+def _host_view(weight: mx.array, min_bytes: int) -> np.ndarray | None:
+    """A zero-copy NumPy view of a float32 row-major weight of at least MIN_BYTES, or None."""
+    if weight.dtype != mx.float32 or weight.nbytes < min_bytes:
         return None
     mx.eval(weight)
     view = np.asarray(memoryview(weight))
@@ -73,7 +78,7 @@ class _MatvecEmbedding(nn.Module):
         return self.embedding.as_linear(x)
 
 
-def _matvec_replacements(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+def _matvec_replacements(model: nn.Module, min_bytes: int) -> list[tuple[str, nn.Module, nn.Module]]:
     """(name, original, replacement) for every layer whose one-row products can use sgemv."""
     replacements = []
     for name, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
@@ -84,7 +89,7 @@ def _matvec_replacements(model: nn.Module) -> list[tuple[str, nn.Module, nn.Modu
             wrapper = _MatvecEmbedding
         else:
             continue
-        host_weight = _host_view(module.weight)
+        host_weight = _host_view(module.weight, min_bytes)
         if host_weight is not None:
             replacements.append((name, module, wrapper(module, host_weight)))
     return replacements
@@ -96,21 +101,49 @@ def cpu_uses_sgemm_for_matvec() -> bool:
 
 
 @contextlib.contextmanager
-def matvec_on_cpu(model: nn.Module, enabled: bool | None = None) -> Iterator[nn.Module]:
+def _single_threaded_numpy_blas() -> Iterator[None]:
+    """One BLAS thread for NumPy's (not MLX's) library while decoding.
+
+    A matrix-vector product is bound by memory bandwidth, which one core nearly saturates on a
+    small machine; waking a second BLAS thread for each of the ~100 products per token costs
+    more than it gains, and far more when other processes share the CPU.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    mlx_blas = {os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p}
+    controllers = [lib for lib in ThreadpoolController().lib_controllers
+                   if lib.user_api == "blas" and os.path.realpath(lib.filepath) not in mlx_blas]
+    threads = [lib.num_threads for lib in controllers]
+    for lib in controllers:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, count in zip(controllers, threads, strict=True):
+            lib.set_num_threads(count)
+
+
+@contextlib.contextmanager
+def matvec_on_cpu(model: nn.Module, enabled: bool | None = None,
+                  min_weight_bytes: int | None = None) -> Iterator[nn.Module]:
     """Within the block, the model's one-row float32 products use sgemv (see the module doc).
 
-    `enabled=None` turns it on where MLX runs on the CPU. The original layers are put back on
-    exit, so training, adapters and saving see the model unchanged.
+    `enabled=None` turns it on where MLX runs on the CPU; only weights of at least
+    `min_weight_bytes` (default `MATVEC_MIN_WEIGHT_BYTES`) are routed. The original layers are
+    put back on exit, so training, adapters and saving see the model unchanged.
     """
     if enabled is None:
         enabled = cpu_uses_sgemm_for_matvec()
-    replacements = _matvec_replacements(model) if enabled else []
+    if min_weight_bytes is None:
+        min_weight_bytes = MATVEC_MIN_WEIGHT_BYTES
+    replacements = _matvec_replacements(model, min_weight_bytes) if enabled else []
     if not replacements:
         yield model
         return
     model.update_modules(tree_unflatten([(name, new) for name, _, new in replacements]))
     try:
-        yield model
+        with _single_threaded_numpy_blas():
+            yield model
     finally:
         model.update_modules(tree_unflatten([(name, old) for name, old, _ in replacements]))
 

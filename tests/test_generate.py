@@ -60,7 +60,10 @@ def tokens_of(model, tokenizer, prompt, **options) -> list[int]:
     return [r.token for r in stream_generate(model, tokenizer, prompt, **options)]
 
 
-def test_greedy_tokens_match_the_torch_twin_with_and_without_matvec(model_dir: Path, loaded) -> None:
+def test_greedy_tokens_match_the_torch_twin_with_and_without_matvec(model_dir: Path, loaded,
+                                                                    monkeypatch) -> None:
+    # Route every layer of the tiny model, not only the large ones.
+    monkeypatch.setattr("elm_mlx.generate.MATVEC_MIN_WEIGHT_BYTES", 0)
     model, tokenizer = loaded
     ids = encode_prompt(tokenizer, PROMPT)
     assert ids[0] == 1  # the tokenizer's BOS, as mlx-lm adds it
@@ -75,8 +78,9 @@ def test_matvec_route_restores_the_model_and_matches_mlx(loaded) -> None:
     before = {name: id(value) for name, value in tree_flatten(model.parameters())}
     ids = mx.array([[1, 40, 41, 42, 43]])
     plain = model(ids)
-    with matvec_on_cpu(model, enabled=True):
+    with matvec_on_cpu(model, enabled=True, min_weight_bytes=0):
         assert type(model.layers[0].attn.qkv_proj).__name__ == "_MatvecLinear"
+        assert type(model.lm_head).__name__ == "_MatvecLinear"
         routed = model(ids[:, -1:])
         prefill = model(ids)
     assert {name: id(value) for name, value in tree_flatten(model.parameters())} == before
