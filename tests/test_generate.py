@@ -268,10 +268,10 @@ def test_unknown_adapter_path_gives_one_clear_line(model_dir: Path, tmp_path: Pa
     assert code == 1 and err == f"error: {missing}: no adapter_config.json (not an adapter directory)\n"
 
 
-def test_bad_input_exits_non_zero_from_a_real_process(tmp_path: Path) -> None:
-    result = run_elm("generate", "--model", str(tmp_path / "absent"), "--prompt", "x")
-    assert result.returncode == 1
-    assert result.stderr == f"error: {tmp_path / 'absent'}: not a model directory (it does not exist)\n"
+def test_absent_model_directory_gives_one_clear_line(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "absent"), "--prompt", "x")
+    assert code == 1
+    assert err == f"error: {tmp_path / 'absent'}: not a model directory (it does not exist)\n"
 
 
 def test_empty_prompt_and_bad_numbers_are_refused(loaded) -> None:
