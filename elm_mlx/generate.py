@@ -48,11 +48,13 @@ def _host_view(weight: mx.array, min_bytes: int) -> np.ndarray | None:
 
 
 class _MatvecLinear(nn.Module):
-    """A bias-free `nn.Linear` whose one-row products use sgemv."""
+    """A bias-free `nn.Linear` whose one-row products use sgemv. `weight` stays readable for
+    wrappers that use it directly (mlx-lm's DoRA layers)."""
 
     def __init__(self, linear: nn.Linear, host_weight: np.ndarray):
         super().__init__()
         self.linear = linear
+        self.weight = linear.weight
         self._host_weight = host_weight
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -67,6 +69,7 @@ class _MatvecEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, host_weight: np.ndarray):
         super().__init__()
         self.embedding = embedding
+        self.weight = embedding.weight
         self._host_weight = host_weight
 
     def __call__(self, ids: mx.array) -> mx.array:

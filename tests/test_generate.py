@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from apps.cli import main as elm_main
 from elm_mlx import load
@@ -153,6 +153,27 @@ def test_max_kv_size_uses_a_rotating_cache(loaded) -> None:
     assert tokens_of(model, tokenizer, ids, max_tokens=12, max_kv_size=len(ids) + 64) == plain
     short = tokens_of(model, tokenizer, ids, max_tokens=12, max_kv_size=8)
     assert len(short) == 12 and short != plain
+
+
+def test_matvec_route_under_dora_and_tied_lora_embedding(make_model_dir) -> None:
+    """Adapter wrappers that read `.weight` directly keep working while the route is on."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from elm_mlx import load_model
+
+    model = load_model(make_model_dir(ModelSpec.from_preset("elm-tiny"), seed=4))
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 5.0, "dropout": 0.0,
+                                     "keys": ["attn.qkv_proj", "ffn.proj_1"]}, use_dora=True)
+    for name, value in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, mx.ones(value.shape) * 0.05)]))
+    ids = mx.array([[1, 50, 51, 52]])
+    expected = np.array(model(ids[:, :1]))
+    with matvec_on_cpu(model, enabled=True, min_weight_bytes=0):
+        assert type(model.layers[-1].attn.qkv_proj.linear).__name__ == "_MatvecLinear"
+        assert type(model.transformer.token_embeddings).__name__ == "_MatvecEmbedding"
+        routed = np.array(model(ids[:, :1]))
+    assert np.abs(routed - expected).max() < 1e-5
 
 
 def make_adapter(model_dir: Path, destination: Path) -> Path:
