@@ -13,7 +13,7 @@ from mlx_lm.utils import load_tokenizer
 
 from elm_mlx.model import Model
 from elm_spec import ElmError, ModelSpec
-from elm_spec.modeldir import check_tensors, read_config, read_spec
+from elm_spec.modeldir import check_tensors, read_config, read_spec, require_model_dir
 from elm_spec.tokenizer import require_tokenizer
 
 
@@ -62,6 +62,7 @@ def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
 def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | None = None,
          lazy: bool = False) -> tuple[Model, TokenizerWrapper]:
     """`(model, tokenizer)` for a model directory, as `mlx_lm.load` returns them."""
+    require_model_dir(path)
     require_tokenizer(path)
     model = load_model(path, lazy=lazy)
     if adapter_path is not None:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,17 @@ def make_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
         return destination
 
     return make
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and idle OpenMP workers spin on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_elm(*args: str, input: str | None = None, cwd: Path | None = None,

@@ -1,0 +1,75 @@
+"""`elm generate`: stream a continuation from a model directory with MLX, as `mlx_lm.generate` does."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from elm_spec import ElmError
+
+
+def read_prompt(prompt: str) -> str:
+    """`-` reads standard input; `\\n` and `\\t` escapes are expanded, as in mlx-lm."""
+    if prompt == "-":
+        return sys.stdin.read()
+    return prompt.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate(
+        model: Path = typer.Option(..., "--model", help="Model directory (plain or quantized)."),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads stdin."),
+        max_tokens: int = typer.Option(100, "--max-tokens", "-m", help="Most tokens to generate."),
+        temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
+        min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability."),
+        repetition_penalty: float = typer.Option(None, "--repetition-penalty",
+                                                 help="Penalty (> 1) for recently generated tokens."),
+        repetition_context_size: int = typer.Option(20, "--repetition-context-size",
+                                                    help="Tokens the repetition penalty looks back."),
+        seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+        adapter_path: Path = typer.Option(None, "--adapter-path", help="LoRA adapter directory."),
+        max_kv_size: int = typer.Option(None, "--max-kv-size",
+                                        help="Keep a rotating KV cache of this many tokens."),
+        prefill_step_size: int = typer.Option(2048, "--prefill-step-size",
+                                              help="Prompt tokens processed at a time."),
+        ignore_chat_template: bool = typer.Option(
+            False, "--ignore-chat-template", help="Use the raw prompt even if the tokenizer has a chat template."),
+        system_prompt: str = typer.Option(None, "--system-prompt", help="System turn for the chat template."),
+        verbose: bool = typer.Option(True, "--verbose/--quiet",
+                                     help="Print the statistics lines, or only the generated text."),
+    ) -> None:
+        """Generate text from a model directory (MLX), streaming it to stdout."""
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from elm_mlx import load
+        from elm_mlx.generate import encode_prompt, stream_generate
+
+        if system_prompt is not None and ignore_chat_template:
+            raise ElmError("--system-prompt needs the chat template; drop --ignore-chat-template")
+        text = read_prompt(prompt)
+        mlx_model, tokenizer = load(model, adapter_path=adapter_path)
+        use_template = False if ignore_chat_template else None
+        if system_prompt is not None:
+            use_template = True
+        ids = encode_prompt(tokenizer, text, use_template, system_prompt)
+        if verbose:
+            print("=" * 10)
+        response = None
+        for response in stream_generate(
+                mlx_model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                min_p=min_p, repetition_penalty=repetition_penalty,
+                repetition_context_size=repetition_context_size, max_kv_size=max_kv_size, seed=seed,
+                prefill_step_size=prefill_step_size):
+            print(response.text, end="", flush=True)
+        print()
+        if verbose and response is not None:
+            print("=" * 10)
+            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {response.generation_tokens} tokens, "
+                  f"{response.generation_tps:.3f} tokens-per-sec")
+            print(f"Peak memory: {response.peak_memory:.3f} GB")
