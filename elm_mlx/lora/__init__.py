@@ -1,0 +1,1 @@
+"""Fine-tuning the MLX twin: LoRA, DoRA, QLoRA and full, with mlx-lm-compatible adapters."""

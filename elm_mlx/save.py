@@ -1,0 +1,24 @@
+"""Writing an MLX model (plain or quantized) as a model directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.utils import save_model
+
+from elm_spec.modeldir import CONFIG_FILE, atomic_output_dir, copy_tokenizer_files, write_json
+
+
+def save_mlx_model_dir(model: nn.Module, config: dict[str, Any], tokenizer_dir: Path,
+                       destination: str | os.PathLike[str], force: bool = False) -> Path:
+    """Weights (sharded at 5 GB by mlx-lm's writer), config.json and the tokenizer files of
+    TOKENIZER_DIR, written to a temporary directory renamed into place."""
+    destination = Path(destination)
+    with atomic_output_dir(destination, force=force) as staging:
+        save_model(staging, model)
+        write_json(staging / CONFIG_FILE, config)
+        copy_tokenizer_files(tokenizer_dir, staging)
+    return destination
