@@ -52,8 +52,11 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --adapter-path."),
     ) -> None:
         """Fine-tune a model directory on JSONL data; writes mlx-lm-format adapters."""
+        from elm_mlx.lora import quiet_transformers
         from elm_mlx.lora.config import build_config
         from elm_mlx.lora.train import finetune as run_finetune
+
+        quiet_transformers()
 
         if not lora:
             raise ElmError("elm finetune needs --lora (adapters, or --lora --fine-tune-type full)")
