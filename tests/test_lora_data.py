@@ -18,6 +18,7 @@ from elm_mlx.lora.data import (
     load_split,
     make_batch,
     packed_rows,
+    resolve_chat_template,
     shipped_chat_template,
     single_rows,
 )
@@ -158,7 +159,8 @@ def test_missing_train_and_chat_without_template(encoder, tmp_path):
         load_data_dir(tmp_path, encoder, 2048)
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     write_jsonl(tmp_path / "train.jsonl", [chat])
-    no_template = Encoder(encoder.tokenizer, None)
+    assert resolve_chat_template("none", None) is None
+    no_template = Encoder(encoder.tokenizer, resolve_chat_template("none", None))
     with pytest.raises(ElmError, match=r"train.jsonl:1: chat rows need a chat template"):
         load_data_dir(tmp_path, no_template, 2048)
 

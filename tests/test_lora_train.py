@@ -122,12 +122,15 @@ def test_dora_and_qlora_train_save_and_load(base_dir, tmp_path, kind):
         model_dir = make_quantized_model_dir(base_dir, tmp_path / "quantized")
     write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(64, seed=2))
     write_jsonl(tmp_path / "data" / "valid.jsonl", text_rows(8, seed=3))
+    write_jsonl(tmp_path / "data" / "test.jsonl", text_rows(8, seed=4))
     adapters = tmp_path / "adapters"
     config = build_config(None, dict(
         model=str(model_dir), data=str(tmp_path / "data"), adapter_path=str(adapters),
         fine_tune_type="dora" if kind == "dora" else "lora", iters=40, batch_size=4,
-        learning_rate=2e-3, steps_per_report=10, max_seq_length=64))
+        learning_rate=2e-3, steps_per_report=10, max_seq_length=64, num_layers=16, test=True))
     results = finetune(config)
+    assert json.loads((adapters / "adapter_config.json").read_text())["num_layers"] == 4
+    assert results["test_perplexity"] == pytest.approx(np.exp(results["test_loss"]))
     losses = [m["train_loss"] for m in metrics(adapters) if "train_loss" in m]
     assert losses[-1] < losses[0]
     assert results["val_loss"] < 0.8 * results["initial_val_loss"]
