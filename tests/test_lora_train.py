@@ -143,3 +143,23 @@ def test_dora_and_qlora_train_save_and_load(base_dir, tmp_path, kind):
     assert evaluate(model, stream, -1) == pytest.approx(results["val_loss"], abs=1e-5)
     saved = mx.load(str(adapters / "adapters.safetensors"))
     assert any(name.endswith(".m") for name in saved) == (kind == "dora")
+
+
+def test_fused_model_carries_the_training_chat_template(base_dir, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from elm_mlx.lora.data import shipped_chat_template
+    from elm_mlx.lora.fuse import fuse
+
+    train, _ = case_rows()
+    write_jsonl(tmp_path / "data" / "train.jsonl", train[:8])
+    adapters = tmp_path / "adapters"
+    finetune(build_config(None, dict(model=str(base_dir), data=str(tmp_path / "data"),
+                                     adapter_path=str(adapters), iters=2, batch_size=4)))
+    assert json.loads((adapters / "adapter_config.json").read_text())["chat_template"] == \
+        shipped_chat_template()
+    fused = fuse(base_dir, adapters, tmp_path / "fused")
+    tokenizer = load_tokenizer(fused)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "A B"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert prompt == "<s><|user|>\nA B</s><|assistant|>\n"

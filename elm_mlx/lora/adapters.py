@@ -57,12 +57,14 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def adapter_config(config: FinetuneConfig, num_layers: int) -> dict[str, Any]:
-    """mlx-lm's adapter_config.json: the keys its loader reads, then the run's settings."""
+def adapter_config(config: FinetuneConfig, num_layers: int, chat_template: str | None
+                   ) -> dict[str, Any]:
+    """mlx-lm's adapter_config.json: the keys its loader reads, the run's settings, and the
+    chat template the data was rendered with (which `elm fuse` passes on to the tokenizer)."""
     settings = {key: value for key, value in vars(config).items()
                 if key not in ("rank", "alpha", "scale", "dropout", "keys", "resume")}
     return {**settings, "fine_tune_type": config.fine_tune_type, "num_layers": num_layers,
-            "lora_parameters": config.lora_parameters()}
+            "lora_parameters": config.lora_parameters(), "chat_template": chat_template}
 
 
 def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
@@ -77,8 +79,5 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def write_adapters(directory: Path, model: nn.Module, config: FinetuneConfig,
-                   num_layers: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def write_adapter_weights(directory: Path, model: nn.Module) -> None:
     save_safetensors_atomic(directory / ADAPTER_WEIGHTS, trainable_weights(model))
-    write_json_atomic(directory / ADAPTER_CONFIG, adapter_config(config, num_layers))

@@ -28,7 +28,7 @@ from elm_mlx.lora.adapters import (
     ADAPTER_WEIGHTS,
     adapter_config,
     apply_fine_tune,
-    write_adapters,
+    write_adapter_weights,
     write_json_atomic,
 )
 from elm_mlx.lora.checkpoint import (
@@ -180,7 +180,9 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
         start, trained_tokens = saved["step"], saved["trained_tokens"]
         console.print(f"resuming from {resume_from} (step {start})")
     adapter_path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(adapter_path / ADAPTER_CONFIG, adapter_config(config, num_layers))
+    templated = any(split.format != "text" for split in splits.values())
+    write_json_atomic(adapter_path / ADAPTER_CONFIG,
+                      adapter_config(config, num_layers, template if templated else None))
 
     if config.grad_checkpoint:
         grad_checkpoint(model.layers[0])
@@ -233,7 +235,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
                 reporter.validation(step, results["val_loss"], time.perf_counter() - tic)
                 model.train()
             if step % config.save_every == 0 or step == config.iters:
-                write_adapters(adapter_path, model, config, num_layers)
+                write_adapter_weights(adapter_path, model)
                 save_checkpoint(adapter_path, step, model, optimizer,
                                 {"trained_tokens": trained_tokens, "settings": settings})
     model.eval()
