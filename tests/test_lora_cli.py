@@ -20,6 +20,7 @@ from rich.console import Console
 from test_lora_support import make_quantized_model_dir, text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
+from elm_mlx.lora.fuse import fuse
 from elm_mlx.lora.train import finetune, prepare_output
 from elm_spec import ElmError
 
@@ -100,7 +101,6 @@ def test_fused_export_matches_in_pytorch_and_mlx(setup, resumed_run):
 
 def test_qlora_fuse_requantizes_or_dequantizes(setup, tmp_path):
     import elm_mlx
-    from elm_mlx.lora.fuse import fuse
     from elm_spec.modeldir import read_config
 
     quantized = make_quantized_model_dir(setup["model"], tmp_path / "q")
@@ -130,13 +130,11 @@ def test_errors_are_one_line(setup, make_model_dir, resumed_run, tmp_path):
     from elm_spec import ModelSpec
 
     other = make_model_dir(ModelSpec.from_preset("elm-tiny").replace(model_dim=96, head_dim=16))
-    mismatch = run_elm("fuse", "--model", str(other), "--adapter-path", str(resumed_run["whole"]),
-                       "--save-path", str(tmp_path / "fused"))
-    assert mismatch.returncode == 1
-    lines = mismatch.stderr.strip().splitlines()
-    assert len(lines) == 1 and "adapters do not fit this model" in lines[0]
+    with pytest.raises(ElmError) as mismatch:
+        fuse(other, resumed_run["whole"], tmp_path / "fused")
+    assert "adapters do not fit this model" in str(mismatch.value) and "\n" not in str(mismatch.value)
     assert re.search(r"transformer\.layers\.\d+\.\w+\.\w+\.lora_[ab]: adapter shape \(\d+, \d+\) "
-                     r"does not match model parameter shape", lines[0])
+                     r"does not match model parameter shape", str(mismatch.value))
     assert not (tmp_path / "fused").exists()
     with pytest.raises(ElmError, match=r"whole: already holds adapters; pass --resume"):
         prepare_output(resumed_run["whole"], resume=False)
