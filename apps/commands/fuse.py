@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
                                     "(unquantized safetensors, config.json, tokenizer) that "
                                     "the PyTorch twin and HF tools load."),
         dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 for "
-                                  "unquantized output [float32 with --export, else unchanged]."),
+                                  "unquantized output (default float32 with --export, else unchanged)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --save-path."),
     ) -> None:
         """Merge LoRA/DoRA adapters into the base weights (re-quantizing a quantized base)."""
