@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
         grad_checkpoint: bool = typer.Option(None, "--grad-checkpoint", help="Recompute activations to save memory."),
         grad_accumulation_steps: int = typer.Option(None, "--grad-accumulation-steps",
                                                     help="Batches per optimizer update (default 1)."),
+        clear_cache_threshold: int = typer.Option(None, "--clear-cache-threshold",
+                                                  help="Bytes of MLX buffer cache kept between "
+                                                  "steps (default 0: cleared every step, as mlx-lm)."),
         seed: int = typer.Option(None, "--seed", help="Seed for adapters init, data order, dropout (default 0)."),
         mask_prompt: bool = typer.Option(None, "--mask-prompt/--no-mask-prompt",
                                          help="Train only on completion/assistant tokens (default on)."),
@@ -68,6 +71,6 @@ def register(app: typer.Typer) -> None:
                      save_every=save_every, val_batches=val_batches, test=test,
                      test_batches=test_batches, max_seq_length=max_seq_length,
                      grad_checkpoint=grad_checkpoint, grad_accumulation_steps=grad_accumulation_steps,
-                     seed=seed, mask_prompt=mask_prompt, pack=pack, chat_template=chat_template,
+                     clear_cache_threshold=clear_cache_threshold, seed=seed, mask_prompt=mask_prompt, pack=pack, chat_template=chat_template,
                      resume=resume)
         run_finetune(build_config(config_file, flags))

@@ -43,6 +43,7 @@ class FinetuneConfig:
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
     grad_accumulation_steps: int = 1
+    clear_cache_threshold: int = 0  # bytes of MLX buffer cache kept between steps
     seed: int = 0
     mask_prompt: bool = True
     pack: bool | None = None  # None: on for text data, off for completions and chat

@@ -123,6 +123,13 @@ def seed_step(seed: int, step: int) -> None:
     mx.random.seed((seed % 2**31) * 2**32 + step)
 
 
+def clear_cache(threshold: int) -> None:
+    """Return MLX's buffer cache to the system once it exceeds THRESHOLD bytes (mlx-lm's
+    `--clear-cache-threshold`; 0, its default and ours, clears it after every step)."""
+    if mx.get_cache_memory() > threshold:
+        mx.clear_cache()
+
+
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -219,6 +226,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
             batch = batch_arrays(streams["train"].training_batch(step - 1))
             loss, tokens, grad = train_step(*batch, grad, step % accumulation == 0)
             mx.eval(state, loss, tokens, grad)
+            clear_cache(config.clear_cache_threshold)
             elapsed += time.perf_counter() - tic
             window_loss += loss.item()
             window_tokens += int(tokens.item())
