@@ -1,0 +1,76 @@
+"""`elm finetune --lora`: LoRA, DoRA, QLoRA and full fine-tuning on MLX, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from elm_spec import ElmError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    def finetune(
+        lora: bool = typer.Option(False, "--lora", help="Fine-tune with adapters (LoRA, DoRA, "
+                                  "QLoRA on a quantized model) or, with --fine-tune-type full, all weights."),
+        model: str = typer.Option(None, "--model", help="Model directory (plain or quantized)."),
+        data: str = typer.Option(None, "--data", help="Directory with train.jsonl, optionally valid.jsonl and test.jsonl."),
+        adapter_path: str = typer.Option(None, "--adapter-path", help="Output directory for adapters (default adapters)."),
+        config_file: Path = typer.Option(None, "--config", "-c", help="YAML file mirroring these flags."),
+        fine_tune_type: str = typer.Option(None, "--fine-tune-type", help="lora, dora or full (default lora)."),
+        rank: int = typer.Option(None, "--rank", help="LoRA rank (default 8)."),
+        alpha: float = typer.Option(None, "--alpha", help="LoRA alpha; scale = alpha / rank (default scale 20)."),
+        dropout: float = typer.Option(None, "--dropout", help="LoRA dropout (default 0)."),
+        keys: str = typer.Option(None, "--keys", help="Comma-separated layers to adapt "
+                                 "(default qkv_proj,out_proj,proj_1,proj_2)."),
+        num_layers: int = typer.Option(None, "--num-layers", help="Blocks to tune, counted from the "
+                                       "last; -1 or more than the model has: all (default -1)."),
+        iters: int = typer.Option(None, "--iters", help="Training iterations (default 1000)."),
+        batch_size: int = typer.Option(None, "--batch-size", help="Rows per batch (default 4)."),
+        learning_rate: float = typer.Option(None, "--learning-rate", help="Peak AdamW learning rate (default 1e-5)."),
+        weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.01)."),
+        lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine or constant (default cosine)."),
+        warmup: int = typer.Option(None, "--warmup", help="Linear warm-up updates (default 0)."),
+        steps_per_report: int = typer.Option(None, "--steps-per-report", help="Steps between loss reports (default 10)."),
+        steps_per_eval: int = typer.Option(None, "--steps-per-eval", help="Steps between validations (default 200)."),
+        save_every: int = typer.Option(None, "--save-every", help="Steps between checkpoints (default 100)."),
+        val_batches: int = typer.Option(None, "--val-batches", help="Validation batches, -1 for all (default 25)."),
+        test: bool = typer.Option(None, "--test", help="Report test loss and perplexity at the end."),
+        test_batches: int = typer.Option(None, "--test-batches", help="Test batches, -1 for all (default 500)."),
+        max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest row in tokens (default 2048)."),
+        grad_checkpoint: bool = typer.Option(None, "--grad-checkpoint", help="Recompute activations to save memory."),
+        grad_accumulation_steps: int = typer.Option(None, "--grad-accumulation-steps",
+                                                    help="Batches per optimizer update (default 1)."),
+        clear_cache_threshold: int = typer.Option(None, "--clear-cache-threshold",
+                                                  help="Bytes of MLX buffer cache kept between "
+                                                  "steps (default 0: cleared every step, as mlx-lm)."),
+        seed: int = typer.Option(None, "--seed", help="Seed for adapters init, data order, dropout (default 0)."),
+        mask_prompt: bool = typer.Option(None, "--mask-prompt/--no-mask-prompt",
+                                         help="Train only on completion/assistant tokens (default on)."),
+        pack: bool = typer.Option(None, "--pack/--no-pack",
+                                  help="Pack rows into full sequences (default on for text data)."),
+        chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file; "
+                                          "'none' disables the shipped OpenELM-instruct fallback."),
+        resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --adapter-path."),
+    ) -> None:
+        """Fine-tune a model directory on JSONL data; writes mlx-lm-format adapters."""
+        from elm_mlx.lora import quiet_transformers
+        from elm_mlx.lora.config import build_config
+        from elm_mlx.lora.train import finetune as run_finetune
+
+        quiet_transformers()
+
+        if not lora:
+            raise ElmError("elm finetune needs --lora (adapters, or --lora --fine-tune-type full)")
+        flags = dict(model=model, data=data, adapter_path=adapter_path, fine_tune_type=fine_tune_type,
+                     rank=rank, alpha=alpha, dropout=dropout, keys=keys, num_layers=num_layers,
+                     iters=iters, batch_size=batch_size, learning_rate=learning_rate,
+                     weight_decay=weight_decay, lr_schedule=lr_schedule, warmup=warmup,
+                     steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
+                     save_every=save_every, val_batches=val_batches, test=test,
+                     test_batches=test_batches, max_seq_length=max_seq_length,
+                     grad_checkpoint=grad_checkpoint, grad_accumulation_steps=grad_accumulation_steps,
+                     clear_cache_threshold=clear_cache_threshold, seed=seed, mask_prompt=mask_prompt, pack=pack, chat_template=chat_template,
+                     resume=resume)
+        run_finetune(build_config(config_file, flags))

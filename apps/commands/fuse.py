@@ -1,0 +1,31 @@
+"""`elm fuse`: merge adapters into a model directory, or export it for PyTorch and HF."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("fuse")
+    def fuse(
+        model: str = typer.Option(..., "--model", help="Base model directory (plain or quantized)."),
+        adapter_path: str = typer.Option("adapters", "--adapter-path", help="Adapters to merge."),
+        save_path: str = typer.Option("fused_model", "--save-path", help="Output model directory."),
+        dequantize: bool = typer.Option(False, "--dequantize",
+                                        help="Write a quantized base back unquantized."),
+        export: bool = typer.Option(False, "--export", help="Write the interchange format "
+                                    "(unquantized safetensors, config.json, tokenizer) that "
+                                    "the PyTorch twin and HF tools load."),
+        dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 for "
+                                  "unquantized output (default float32 with --export, else unchanged)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --save-path."),
+    ) -> None:
+        """Merge LoRA/DoRA adapters into the base weights (re-quantizing a quantized base)."""
+        from elm_mlx.lora import quiet_transformers
+        from elm_mlx.lora.fuse import fuse as run_fuse
+
+        quiet_transformers()
+
+        written = run_fuse(model, adapter_path, save_path, dequantize=dequantize, export=export,
+                           dtype=dtype, force=force)
+        typer.echo(f"fused model written to {written}")

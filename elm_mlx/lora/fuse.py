@@ -1,0 +1,70 @@
+"""Merging adapters into the base weights, and exporting the result for the PyTorch twin."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map, tree_unflatten
+from mlx_lm.utils import dequantize_model
+
+from elm_mlx.loading import load_adapters, load_model
+from elm_mlx.lora.adapters import ADAPTER_CONFIG
+from elm_mlx.save import save_mlx_model_dir
+from elm_spec import ElmError
+from elm_spec.modeldir import read_config, read_json
+from elm_spec.tokenizer import TOKENIZER_CONFIG_FILE, require_tokenizer
+
+EXPORT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def fused_model(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str],
+                dequantize: bool) -> nn.Module:
+    """The base model with its adapters merged (mlx-lm's `fuse` on each LoRA/DoRA layer); a
+    quantized base is re-quantized with its own group size and bits unless DEQUANTIZE."""
+    model = load_model(model_dir)
+    load_adapters(model, adapter_path)
+    fused = [(name, module.fuse(dequantize=dequantize))
+             for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        model = dequantize_model(model)
+    return model
+
+
+def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str],
+         save_path: str | os.PathLike[str], dequantize: bool = False, export: bool = False,
+         dtype: str | None = None, force: bool = False) -> Path:
+    """Write the fused model: an MLX model directory, or with EXPORT the interchange format
+    (unquantized, DTYPE float32 by default) that elm_train.load_model reads."""
+    source = Path(model_dir)
+    require_tokenizer(source)
+    config = read_config(source)
+    model = fused_model(source, adapter_path, dequantize=dequantize or export)
+    if export or dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    if export or dtype is not None:
+        name = dtype or "float32"
+        if name not in EXPORT_DTYPES:
+            raise ElmError(f"--dtype {name!r}: choose from {', '.join(EXPORT_DTYPES)}")
+        if "quantization" in config:
+            raise ElmError("--dtype applies to unquantized output; add --dequantize or --export")
+        model.update(tree_map(lambda w: w.astype(EXPORT_DTYPES[name]), model.parameters()))
+        config["torch_dtype"] = name
+    if export:
+        config = model.spec.to_config(torch_dtype=config["torch_dtype"])
+    return save_mlx_model_dir(model, config, source, save_path, force=force,
+                              chat_template=training_template(source, Path(adapter_path)))
+
+
+def training_template(model_dir: Path, adapter_path: Path) -> str | None:
+    """The chat template the adapters were trained with, when the base tokenizer has none, so
+    the fused model's tokenizer renders prompts the way training did."""
+    tokenizer_config = model_dir / TOKENIZER_CONFIG_FILE
+    if tokenizer_config.is_file() and read_json(tokenizer_config).get("chat_template"):
+        return None
+    return read_json(adapter_path / ADAPTER_CONFIG).get("chat_template")

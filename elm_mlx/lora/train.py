@@ -1,0 +1,257 @@
+"""The fine-tuning loop: mlx-lm's LoRA/DoRA layers and compiled step, our data, packing and
+exact resume.
+
+mlx-lm's `trainer.train` is not used as a whole because it cannot restore optimizer state,
+step, schedule or data position, and has no attention mask for packed rows; its pieces are
+(`grad_checkpoint`, the compiled step with model/optimizer/RNG state, `average_gradients`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.trainer import grad_checkpoint
+from rich.console import Console
+
+from elm_mlx.loading import load
+from elm_mlx.lora.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_config,
+    apply_fine_tune,
+    write_adapter_weights,
+    write_json_atomic,
+)
+from elm_mlx.lora.checkpoint import (
+    check_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from elm_mlx.lora.config import FinetuneConfig
+from elm_mlx.lora.data import (
+    Batch,
+    BatchStream,
+    Encoder,
+    batch_stream,
+    load_data_dir,
+    resolve_chat_template,
+)
+from elm_mlx.lora.report import Reporter
+from elm_spec import ElmError
+
+# Settings a resumed run must share with the run it continues.
+RESUME_SETTINGS = ("fine_tune_type", "rank", "lora_scale", "dropout", "keys", "iters",
+                   "batch_size", "learning_rate", "weight_decay", "lr_schedule", "warmup",
+                   "max_seq_length", "grad_accumulation_steps", "seed", "mask_prompt")
+
+
+def attention_mask(segments: mx.array) -> mx.array:
+    """Causal attention that stays inside each packed document: [B, 1, T, T] booleans.
+
+    Padding (segment 0) attends to earlier padding only, so no softmax row is empty. RoPE
+    scores depend on relative positions only, so a document packed at offset k scores as it
+    would at offset 0 (tested against the documents run one by one).
+    """
+    length = segments.shape[1]
+    positions = mx.arange(length)
+    causal = positions[:, None] >= positions[None, :]
+    same_document = segments[:, :, None] == segments[:, None, :]
+    return mx.expand_dims(same_document & causal, 1)
+
+
+def loss_terms(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
+               segments: mx.array | None) -> tuple[mx.array, mx.array]:
+    """Per-token cross-entropy of the model (logits in fp32) and the per-token weights."""
+    mask = None if segments is None else attention_mask(segments)
+    logits = model(inputs, mask=mask).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, targets) * weights, weights
+
+
+def batch_loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array,
+               segments: mx.array | None) -> tuple[mx.array, mx.array]:
+    """Mean loss over the trained tokens of the batch, and their number."""
+    losses, weights = loss_terms(model, inputs, targets, weights, segments)
+    tokens = weights.sum()
+    return losses.sum() / mx.maximum(tokens, 1), tokens
+
+
+def batch_arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
+    segments = None if batch.segments is None else mx.array(batch.segments)
+    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.weights), segments
+
+
+def evaluate(model: nn.Module, stream: BatchStream, num_batches: int) -> float:
+    """Token-weighted mean loss over the first NUM_BATCHES batches (-1: all)."""
+    model.eval()
+    count = len(stream) if num_batches < 0 else min(num_batches, len(stream))
+    total, tokens = mx.array(0.0), mx.array(0.0)
+    for index in range(count):
+        loss, n = batch_loss(model, *batch_arrays(stream.batch(index)))
+        total, tokens = total + loss * n, tokens + n
+        mx.eval(total, tokens)
+    return (total / mx.maximum(tokens, 1)).item()
+
+
+def learning_rate_schedule(config: FinetuneConfig) -> Any:
+    """Linear warm-up from 0 (mlx-lm's), then cosine decay to 0 over the remaining optimizer
+    updates, or a constant rate."""
+    updates = max(config.iters // config.grad_accumulation_steps, 1)
+    if config.lr_schedule == "cosine":
+        main = optim.cosine_decay(config.learning_rate, max(updates - config.warmup, 1))
+    else:
+        def main(step: mx.array) -> mx.array:
+            return mx.full((), config.learning_rate, mx.float32)
+    if not config.warmup:
+        return main
+    warmup = optim.linear_schedule(0.0, config.learning_rate, config.warmup)
+    return optim.join_schedules([warmup, main], [config.warmup + 1])
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Dropout's random stream for STEP, a function of (seed, step) so resume replays it."""
+    mx.random.seed((seed % 2**31) * 2**32 + step)
+
+
+def clear_cache(threshold: int) -> None:
+    """Return MLX's buffer cache to the system once it exceeds THRESHOLD bytes (mlx-lm's
+    `--clear-cache-threshold`; 0, its default and ours, clears it after every step)."""
+    if mx.get_cache_memory() > threshold:
+        mx.clear_cache()
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def prepare_output(adapter_path: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, checking that a fresh run would not overwrite adapters."""
+    checkpoints = list_checkpoints(adapter_path)
+    if resume:
+        if not checkpoints:
+            raise ElmError(f"{adapter_path}: no checkpoint to resume from")
+        return checkpoints[-1]
+    if (adapter_path / ADAPTER_WEIGHTS).exists() or checkpoints:
+        raise ElmError(f"{adapter_path}: already holds adapters; pass --resume to continue that "
+                       "run, or choose another --adapter-path")
+    return None
+
+
+def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str, float]:
+    """Run a fine-tuning job; returns the final validation and test losses that were measured."""
+    console = console or Console()
+    adapter_path = Path(config.adapter_path)
+    resume_from = prepare_output(adapter_path, config.resume)
+
+    model, tokenizer = load(config.model)
+    template = resolve_chat_template(config.chat_template, getattr(tokenizer, "chat_template", None))
+    encoder = Encoder(tokenizer, template, config.mask_prompt)
+    splits = load_data_dir(config.data, encoder, config.max_seq_length)
+    if config.test and "test" not in splits:
+        raise ElmError(f"{config.data}: --test needs a test.jsonl")
+    for split in splits.values():
+        console.print(split.summary())
+    pack = config.pack if config.pack is not None else splits["train"].format == "text"
+    streams = {name: batch_stream(split, config.batch_size, config.max_seq_length, pack,
+                                  config.seed, training=name == "train")
+               for name, split in splits.items()}
+
+    mx.random.seed(config.seed)
+    num_layers = apply_fine_tune(model, config)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    console.print(f"{config.fine_tune_type} on {num_layers} of {len(model.layers)} blocks: "
+                  f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,}); "
+                  f"packing {'on' if pack else 'off'}")
+
+    optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config),
+                            weight_decay=config.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
+    settings.update(num_layers=num_layers, pack=pack, train_tokens=splits["train"].num_tokens)
+    start, trained_tokens = 0, 0
+    if resume_from is not None:
+        saved = read_state(resume_from)
+        check_resumable(resume_from, saved, settings)
+        load_checkpoint(resume_from, model, optimizer)
+        start, trained_tokens = saved["step"], saved["trained_tokens"]
+        console.print(f"resuming from {resume_from} (step {start})")
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    templated = any(split.format != "text" for split in splits.values())
+    write_json_atomic(adapter_path / ADAPTER_CONFIG,
+                      adapter_config(config, num_layers, template if templated else None))
+
+    if config.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    accumulation = config.grad_accumulation_steps
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(inputs, targets, weights, segments, previous_grad, update):
+        (loss, tokens), grad = loss_and_grad(model, inputs, targets, weights, segments)
+        if previous_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, previous_grad)
+        if update:
+            grad = average_gradients(grad)
+            if accumulation > 1:
+                grad = tree_map(lambda g: g / accumulation, grad)
+            optimizer.update(model, grad)
+            grad = None
+        return loss, tokens, grad
+
+    results: dict[str, float] = {}
+    with Reporter(adapter_path, config.iters, start, console) as reporter:
+        valid = streams.get("valid")
+        if valid is not None and start == 0:
+            tic = time.perf_counter()
+            results["initial_val_loss"] = evaluate(model, valid, config.val_batches)
+            reporter.validation(0, results["initial_val_loss"], time.perf_counter() - tic)
+        model.train()
+        window_loss, window_tokens, window_steps, elapsed, grad = 0.0, 0, 0, 0.0, None
+        mx.reset_peak_memory()
+        for step in range(start + 1, config.iters + 1):
+            tic = time.perf_counter()
+            seed_step(config.seed, step)
+            batch = batch_arrays(streams["train"].training_batch(step - 1))
+            loss, tokens, grad = train_step(*batch, grad, step % accumulation == 0)
+            mx.eval(state, loss, tokens, grad)
+            clear_cache(config.clear_cache_threshold)
+            elapsed += time.perf_counter() - tic
+            window_loss += loss.item()
+            window_tokens += int(tokens.item())
+            window_steps += 1
+            trained_tokens += int(tokens.item())
+            reporter.advance()
+            if step % config.steps_per_report == 0 or step == config.iters:
+                reporter.train(step, window_loss / window_steps, optimizer.learning_rate.item(),
+                               window_tokens / elapsed, trained_tokens, peak_memory_gb())
+                window_loss, window_tokens, window_steps, elapsed = 0.0, 0, 0, 0.0
+            if valid is not None and (step % config.steps_per_eval == 0 or step == config.iters):
+                tic = time.perf_counter()
+                results["val_loss"] = evaluate(model, valid, config.val_batches)
+                reporter.validation(step, results["val_loss"], time.perf_counter() - tic)
+                model.train()
+            if step % config.save_every == 0 or step == config.iters:
+                write_adapter_weights(adapter_path, model)
+                save_checkpoint(adapter_path, step, model, optimizer,
+                                {"trained_tokens": trained_tokens, "settings": settings})
+    model.eval()
+    if config.test:
+        results["test_loss"] = evaluate(model, streams["test"], config.test_batches)
+        results["test_perplexity"] = math.exp(min(results["test_loss"], 700.0))
+        console.print(f"test loss {results['test_loss']:.4f}, "
+                      f"test perplexity {results['test_perplexity']:.3f}")
+        reporter.record(step=config.iters, **{k: results[k] for k in ("test_loss", "test_perplexity")})
+    console.print(f"adapters written to {adapter_path}")
+    return results
