@@ -23,7 +23,7 @@ from elm_spec.modeldir import (
     write_weight_index,
 )
 from elm_spec.tokenizer import write_tokenizer_files
-from elm_train.model import AttentionBackend, OpenELM
+from elm_train.model import AttentionBackend, OpenELM, RotaryEmbedding
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -57,11 +57,18 @@ def load_model(path: str | os.PathLike[str], dtype: str | None = None,
                attention: AttentionBackend = "sdpa", device: str | torch.device = "cpu") -> OpenELM:
     """The PyTorch twin of the model in a model directory, in eval mode."""
     spec = read_spec(path)
-    state = load_state_dict(path, spec)
+    return model_from_state_dict(load_state_dict(path, spec), spec, dtype, attention, device)
+
+
+def model_from_state_dict(state: Mapping[str, torch.Tensor], spec: ModelSpec, dtype: str | None = None,
+                          attention: AttentionBackend = "sdpa",
+                          device: str | torch.device = "cpu") -> OpenELM:
+    """The PyTorch twin holding STATE (HF tensor names), in eval mode, without a random init."""
     with torch.device("meta"):
         model = OpenELM(spec, attention=attention)
     model.load_state_dict(state, strict=True, assign=True)
-    model.transformer.rope._build(spec.rope_max_length, device=torch.device("cpu"))
+    # the rotary tables are not in the state dict: rebuild them off the meta device
+    model.transformer.rope = RotaryEmbedding(spec.head_dim, spec.rope_freq_constant, spec.rope_max_length)
     target_dtype = torch_dtype(dtype) if dtype else next(iter(state.values())).dtype
     return model.to(device=device, dtype=target_dtype).eval()
 
