@@ -10,6 +10,7 @@ Kinds (detected from SRC, or named with `--from`):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,8 @@ def resolve_spec(options: ShapeOptions, where: Path, config_dirs: tuple[Path, ..
     for directory in config_dirs:
         if (directory / CONFIG_FILE).is_file():
             return read_spec(directory), None
-    raise ElmError(f"{where}: carries no model shape; pass --corenet-config FILE.yaml or --preset NAME")
+    raise ElmError(f"{where}: carries no model shape; pass --corenet-config FILE.yaml or --preset NAME "
+                   "(or put the model's config.json beside it)")
 
 
 def apply_vocab(spec: ModelSpec, rows: int, tokenizer: Path | None, options: ShapeOptions,
@@ -223,7 +225,7 @@ def _torch_state_source(path: Path, kind: str, spec: ModelSpec, tokenizer: Path 
 def open_corenet(path: Path, options: ShapeOptions) -> Source:
     if path.is_dir():
         raise ElmError(f"{path}: is a directory; a CoreNet checkpoint is a .pt file")
-    spec, rows_from_config = resolve_spec(options, path)
+    spec, rows_from_config = resolve_spec(options, path, (path.parent,))
     state = {corenet.hf_name(k): v for k, v in corenet.load_state_dict(path).items()}
     embedding = state.get("transformer.token_embeddings.weight")
     if embedding is None:
@@ -278,7 +280,9 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
         md = entries[keys[name]]
         tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
         try:
-            dcp.load({keys[name]: tensor}, checkpoint_id=str(directory), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({keys[name]: tensor}, checkpoint_id=str(directory), no_dist=True)
         except Exception as error:  # a truncated shard file surfaces as a CheckpointException
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ElmError(f"{directory}: cannot read tensor {keys[name]!r} ({first[:200]})") from None
