@@ -129,11 +129,11 @@ def _require_tokenizer(source: Source) -> Path:
 def _checked(source: Source, name: str, code: str) -> Tensor:
     """The tensor in the output dtype; NaN/inf, in the source or from overflow, named."""
     tensor = source.read(name)
-    bad = tensor.count_nonfinite()
-    if bad:
-        raise ElmError(f"{source.path}: tensor {name!r} has {bad} NaN/inf values")
     converted = tensor.cast(code)
-    if converted.count_nonfinite():
+    if converted.count_nonfinite():  # one pass over the output; the source only on failure
+        bad = tensor.count_nonfinite()
+        if bad:
+            raise ElmError(f"{source.path}: tensor {name!r} has {bad} NaN/inf values")
         raise ElmError(f"{source.path}: tensor {name!r} overflows {DTYPE_NAMES[code]} "
                        f"(|value| up to {float(abs(tensor.float32()).max()):.4g}); use --dtype bfloat16")
     return converted

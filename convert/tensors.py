@@ -61,17 +61,36 @@ class Tensor:
     def count_nonfinite(self) -> int:
         if not self.is_float:
             return 0
-        return int(self.data.size - np.count_nonzero(np.isfinite(self.float32())))
+        flat = self.data.reshape(-1)
+        if self.dtype == "BF16":  # exponent bits all set: inf or NaN
+            return sum(int(np.count_nonzero((flat[c] & 0x7F80) == 0x7F80)) for c in _chunks(flat.size))
+        return sum(int(flat[c].size - np.count_nonzero(np.isfinite(flat[c]))) for c in _chunks(flat.size))
+
+
+# Element-wise work goes in slices of this many elements, so temporaries stay small next to
+# the largest tensor (an OpenELM-3B embedding is 393 MB in fp32).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(size: int) -> list[slice]:
+    return [slice(start, min(start + CHUNK_ELEMENTS, size)) for start in range(0, size, CHUNK_ELEMENTS)]
+
+
+def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits; NaN stays NaN (quiet)."""
+    bits = values.view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(values), (bits >> 16) | 0x40, rounded).astype(np.uint16)
 
 
 def from_float32(array: np.ndarray, code: str) -> Tensor:
     array = np.ascontiguousarray(array, dtype=np.float32)
     if code == "BF16":
-        bits = array.view(np.uint32)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        # NaN must stay NaN: rounding could carry its payload into the exponent
-        rounded = np.where(np.isnan(array), (bits >> 16) | 0x40, rounded)
-        return Tensor(rounded.astype(np.uint16), "BF16")
+        flat = array.reshape(-1)
+        out = np.empty(flat.size, dtype=np.uint16)
+        for c in _chunks(flat.size):
+            out[c] = _bfloat16_bits(flat[c])
+        return Tensor(out.reshape(array.shape), "BF16")
     if code == "F16":
         with np.errstate(over="ignore"):
             return Tensor(array.astype(np.float16), "F16")

@@ -223,3 +223,16 @@ def test_float16_overflow_warning(tmp_path: Path, tokenizer_dir: Path, capsys) -
     assert "float16 would overflow" in capsys.readouterr().err
     convert(tmp_path / "hot", tmp_path / "bf16", options(dtype="bfloat16"))
     assert "would overflow" not in capsys.readouterr().err
+
+
+def test_3b_class_models_default_to_bfloat16(capsys) -> None:
+    from convert.pipeline import ConvertReport, _output_dtype
+    from convert.sources import Source
+
+    def stored_as(preset: str, code: str) -> Source:
+        return Source(Path(preset), "hf", ModelSpec.from_preset(preset), None, code, {}, lambda _: None)
+
+    assert _output_dtype(stored_as("OpenELM-3B", "F32"), None, ConvertReport(Path("x"))) == "BF16"
+    assert "writing bfloat16" in capsys.readouterr().err
+    assert _output_dtype(stored_as("OpenELM-3B", "F32"), "float16", ConvertReport(Path("x"))) == "F16"
+    assert _output_dtype(stored_as("OpenELM-1_1B", "F32"), None, ConvertReport(Path("x"))) == "F32"
