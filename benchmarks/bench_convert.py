@@ -1,6 +1,6 @@
 """Quantization quality of `elm convert`: held-out perplexity of a briefly trained small model.
 
-Trains `elm-small` (or --preset) for a few hundred PyTorch steps on Python standard-library
+Trains `elm-demo` (or --preset) for a few hundred PyTorch steps on Python standard-library
 source with a tokenizer trained by elm_spec.tokenizer, writes it as a model directory, converts
 it to MLX at each setting and measures held-out perplexity with the MLX twin (float32 compute,
 so only the stored weights differ). Sizes are bits per weight as mlx-lm counts them (all stored
@@ -102,10 +102,10 @@ def perplexity(directory: Path, tokens: np.ndarray, seq_len: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--preset", default="elm-small")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--preset", default="elm-demo")
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--files", type=int, default=400)
     parser.add_argument("--held-out-files", type=int, default=40)

@@ -6,6 +6,7 @@ into a temporary directory that replaces DST only when everything (and `--verify
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import sys
@@ -31,10 +32,16 @@ from elm_spec.modeldir import (
     CONFIG_FILE,
     MAX_SHARD_BYTES,
     atomic_output_dir,
+    copy_tokenizer_files,
     expected_shapes,
     write_json,
 )
-from elm_spec.tokenizer import Tokenizer, write_tokenizer_files
+from elm_spec.tokenizer import (
+    FAST_TOKENIZER_FILE,
+    SENTENCEPIECE_FILE,
+    Tokenizer,
+    write_tokenizer_files,
+)
 
 TARGETS = ("mlx", "torch", "corenet")
 LARGE_MODEL_PARAMETERS = 2_500_000_000  # "3B-class": CoreNet's notes say these need bf16
@@ -77,15 +84,15 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> Conver
     if options.target not in TARGETS:
         raise ElmError(f"unknown --to {options.target!r}; choose from {', '.join(TARGETS)}")
     if options.q_recipe is not None:
-        options.quantize = True
+        options = dataclasses.replace(options, quantize=True)
     if options.quantize:
         check_settings(options.q_bits, options.q_group_size, options.q_recipe)
         if options.target != "mlx":
             raise ElmError(f"--quantize writes MLX directories; --to {options.target} writes full precision")
-    padded_rows = None
-    if options.target == "corenet":
-        padded_rows, options.shape.vocab_size = options.shape.vocab_size, None
-    source = open_source(src, options.source_kind, options.shape)
+    padded_rows, shape = None, options.shape
+    if options.target == "corenet":  # --vocab-size pads the written embedding instead
+        padded_rows, shape = shape.vocab_size, dataclasses.replace(shape, vocab_size=None)
+    source = open_source(src, options.source_kind, shape)
     report = ConvertReport(dst)
     report.say(source.describe())
     code = _output_dtype(source, options.dtype, report)
@@ -139,7 +146,7 @@ def _checked(source: Source, name: str, code: str) -> Tensor:
     return converted
 
 
-def _progress(total: int, enabled: bool, label: str) -> Any:
+def _progress(enabled: bool, label: str) -> Any:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -150,17 +157,17 @@ def _progress(total: int, enabled: bool, label: str) -> Any:
         TransferSpeedColumn,
     )
 
-    progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-                        transient=True)
-    return progress
+    console = Console(stderr=True)
+    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not (enabled and console.is_terminal))
 
 
 def _stream(source: Source, code: str, options: ConvertOptions, label: str
             ) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor in the output dtype) for every tensor, with a progress bar in source bytes."""
     total = sum(source.tensor_bytes.values())
-    with _progress(total, options.progress, label) as progress:
+    with _progress(options.progress, label) as progress:
         task = progress.add_task(label, total=total)
         for name in source.names:
             yield name, _checked(source, name, code)
@@ -168,9 +175,21 @@ def _stream(source: Source, code: str, options: ConvertOptions, label: str
 
 
 # ----- MLX and interchange model directories ----------------------------------------------
+def _write_tokenizer(source: Source, staging: Path, report: ConvertReport) -> None:
+    """The SentencePiece model with elm's configs; an mlx-lm directory that carries only
+    tokenizer.json (what `mlx_lm.convert` writes) passes its tokenizer files on as they are."""
+    fast_only = (source.tokenizer is None and source.is_model_dir
+                 and (source.path / FAST_TOKENIZER_FILE).is_file())
+    if fast_only:
+        copy_tokenizer_files(source.path, staging)
+        report.say(f"note: {source.path} has no {SENTENCEPIECE_FILE}; copied its tokenizer.json "
+                   "(mlx-lm and transformers read it; elm's PyTorch tools need tokenizer.model)")
+    else:
+        write_tokenizer_files(_require_tokenizer(source), staging)
+
+
 def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptions,
                      report: ConvertReport) -> None:
-    tokenizer = _require_tokenizer(source)
     spec = source.spec
     shapes = expected_shapes(spec)
     quant: dict[str, QuantSettings] = {}
@@ -205,7 +224,7 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
                         writer.write(name, tensor)
                 writer.finish()
             write_json(staging / CONFIG_FILE, config)
-            write_tokenizer_files(tokenizer, staging)
+            _write_tokenizer(source, staging, report)
             total = sum(t.nbytes for t in planned)
             report.bits_per_weight = 8 * total / spec.num_parameters()
             kind = "MLX" if options.target == "mlx" else "model"

@@ -236,3 +236,15 @@ def test_3b_class_models_default_to_bfloat16(capsys) -> None:
     assert "writing bfloat16" in capsys.readouterr().err
     assert _output_dtype(stored_as("OpenELM-3B", "F32"), "float16", ConvertReport(Path("x"))) == "F16"
     assert _output_dtype(stored_as("OpenELM-1_1B", "F32"), None, ConvertReport(Path("x"))) == "F32"
+
+
+def test_mlx_lm_convert_output_comes_back(tmp_path: Path, make_model_dir) -> None:
+    """A directory quantized by mlx_lm.convert (tokenizer.json only) converts back to PyTorch."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    source = make_model_dir(ModelSpec.from_preset("elm-tiny"), seed=9)
+    mlx_lm_convert(str(source), str(tmp_path / "mlx-lm"), quantize=True, q_group_size=32, q_bits=8)
+    report = convert(tmp_path / "mlx-lm", tmp_path / "torch", options(target="torch", verify=True))
+    assert report.verify.lossless and report.verify.max_abs < 1e-4
+    assert (tmp_path / "torch" / "tokenizer.json").is_file()
+    assert load_state_dict(tmp_path / "torch").keys() == load_state_dict(source).keys()
