@@ -103,13 +103,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--preset", default="elm-demo")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--files", type=int, default=400)
     parser.add_argument("--held-out-files", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (more than the free cores makes a shared machine crawl)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -77,10 +77,18 @@ def _chunks(size: int) -> list[slice]:
 
 
 def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bits; NaN stays NaN (quiet)."""
+    """Round-to-nearest-even float32 -> bfloat16 bits, in place on one temporary.
+
+    NaN stays non-finite (a NaN whose payload sits in the low bits rounds to inf), which is
+    what the converter's NaN/inf check needs; quiet NaNs stay NaN.
+    """
     bits = values.view(np.uint32)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    return np.where(np.isnan(values), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    rounded = bits >> 16
+    rounded &= 1
+    rounded += 0x7FFF
+    rounded += bits
+    rounded >>= 16
+    return rounded
 
 
 def from_float32(array: np.ndarray, code: str) -> Tensor:
