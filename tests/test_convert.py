@@ -164,6 +164,7 @@ def test_sharded_output_and_sharded_source(tmp_path: Path, make_model_dir) -> No
         np.testing.assert_array_equal(original[name], converted[name])
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("nested", [True, False])
 def test_training_checkpoint_source(nested: bool, tmp_path: Path, tokenizer_dir: Path) -> None:
     """A torch.distributed.checkpoint directory as `elm train` writes it, read on one process."""
