@@ -83,10 +83,13 @@ def train(spec: ModelSpec, tokens: np.ndarray, steps: int, seq_len: int, batch: 
 def perplexity(directory: Path, tokens: np.ndarray, seq_len: int) -> float:
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
 
     from elm_mlx import load_model
 
-    model = load_model(directory)
+    # the stored (quantized) weights, dequantized once: the same numbers as quantized matmuls,
+    # at float32 GEMM speed on the CPU
+    model = dequantize_model(load_model(directory))
     model.set_dtype(mx.float32)
     windows = len(tokens) // (seq_len + 1)
     data = mx.array(tokens[: windows * (seq_len + 1)].reshape(windows, seq_len + 1))
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--files", type=int, default=400)
     parser.add_argument("--held-out-files", type=int, default=40)
+    parser.add_argument("--eval-tokens", type=int, default=200_000)
+    parser.add_argument("--reuse", action="store_true", help="keep WORKDIR/trained from an earlier run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (more than the free cores makes a shared machine crawl)")
     args = parser.parse_args()
@@ -121,19 +126,25 @@ def main() -> None:
     texts = stdlib_texts(args.files)
     train_texts, held_out_texts = texts[: -args.held_out_files], texts[-args.held_out_files:]
     spec = ModelSpec.from_preset(args.preset)
-    tokenizer_file = train_tokenizer(iter(train_texts), spec.vocab_size, workdir / "tokenizer")
+    trained = workdir / "trained"
+    if args.reuse and (trained / "config.json").is_file():
+        tokenizer_file = trained / "tokenizer.model"
+    else:
+        tokenizer_file = train_tokenizer(iter(train_texts), spec.vocab_size, workdir / "tokenizer")
     tokenizer = Tokenizer(tokenizer_file)
     spec = spec.replace(vocab_size=tokenizer.vocab_size)
     train_tokens = token_stream(train_texts, tokenizer)
-    held_out = token_stream(held_out_texts, tokenizer)
+    held_out = token_stream(held_out_texts, tokenizer)[: args.eval_tokens]
     print(f"{spec.describe()}; {len(train_tokens):,} training tokens, {len(held_out):,} held out")
 
     from elm_train.modeldir import save_model_dir
 
-    start = time.perf_counter()
-    model = train(spec, train_tokens, args.steps, args.seq_len, args.batch, args.lr)
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s")
-    source = save_model_dir(model.state_dict(), spec, workdir / "trained", tokenizer_file, force=True)
+    source = trained
+    if not (args.reuse and (trained / "config.json").is_file()):
+        start = time.perf_counter()
+        model = train(spec, train_tokens, args.steps, args.seq_len, args.batch, args.lr)
+        print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s")
+        save_model_dir(model.state_dict(), spec, trained, tokenizer_file, force=True)
 
     rows = []
     for label, flags in SETTINGS.items():
