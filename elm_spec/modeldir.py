@@ -38,6 +38,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where the tensor's bytes start in `file`
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         expected = SAFETENSORS_DTYPE_BYTES.get(dtype, 0) * _product(shape)
         if dtype in SAFETENSORS_DTYPE_BYTES and end - start != expected:
             raise ElmError(f"{file}: corrupt entry for tensor {name!r} (size does not match shape)")
-        tensors[name] = TensorInfo(file, dtype, shape, end - start)
+        tensors[name] = TensorInfo(file, dtype, shape, end - start, 8 + header_len + start)
     return tensors
 
 
@@ -176,8 +177,13 @@ def check_tensors(path: str | os.PathLike[str], spec: ModelSpec,
         if info is None:
             raise ElmError(f"{path}: tensor {name!r} is missing")
         want = shape
-        if quantization and f"{name[: -len('.weight')]}.scales" in found:
-            bits = int(quantization["bits"])
+        module = name[: -len(".weight")]
+        if quantization and f"{module}.scales" in found:
+            # mlx-lm's per-module entries (mixed recipes) override the top-level bits
+            layer_quantization = quantization.get(module)
+            if not isinstance(layer_quantization, Mapping):
+                layer_quantization = quantization
+            bits = int(layer_quantization["bits"])
             want = (*shape[:-1], shape[-1] * bits // 32)
         if info.shape != want:
             raise ElmError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "

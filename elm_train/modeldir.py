@@ -57,7 +57,13 @@ def load_model(path: str | os.PathLike[str], dtype: str | None = None,
                attention: AttentionBackend = "sdpa", device: str | torch.device = "cpu") -> OpenELM:
     """The PyTorch twin of the model in a model directory, in eval mode."""
     spec = read_spec(path)
-    state = load_state_dict(path, spec)
+    return model_from_state_dict(load_state_dict(path, spec), spec, dtype, attention, device)
+
+
+def model_from_state_dict(state: Mapping[str, torch.Tensor], spec: ModelSpec, dtype: str | None = None,
+                          attention: AttentionBackend = "sdpa",
+                          device: str | torch.device = "cpu") -> OpenELM:
+    """The PyTorch twin holding STATE (HF tensor names), in eval mode, without a random init."""
     with torch.device("meta"):
         model = OpenELM(spec, attention=attention)
     model.load_state_dict(state, strict=True, assign=True)
