@@ -104,7 +104,8 @@ class Checkpointer:
             staging.mkdir()
         self.ctx.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging),
+                 no_dist=not self.ctx.distributed)
         torch.save({"rng": rng_state()}, staging / rank_file(self.ctx.rank))
         self.ctx.barrier()
         if self.ctx.is_main:
@@ -137,7 +138,7 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), no_dist=not self.ctx.distributed)
         except Exception as error:  # DCP raises CheckpointException with per-rank details
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ElmError(f"{path}: cannot be loaded into this model ({first})") from None
@@ -169,7 +170,7 @@ def load_model_state(checkpoint: Path, model: torch.nn.Module) -> dict[str, torc
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     wrapped = {"model": state}
     try:
-        dcp.load(wrapped, checkpoint_id=str(checkpoint))
+        dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ElmError(f"{checkpoint}: cannot be loaded into this model ({first})") from None

@@ -26,6 +26,8 @@ class DistContext:
     local_rank: int
     local_world_size: int
     device: torch.device
+    # Whether init_distributed created the process group (and so should destroy it).
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -71,14 +73,16 @@ def init_distributed(device_preference: str) -> DistContext:
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    owns_group = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return DistContext(rank, world_size, local_rank, local_world_size, device)
+        owns_group = True
+    return DistContext(rank, world_size, local_rank, local_world_size, device, owns_group)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -102,7 +102,7 @@ def train(config: Config) -> TrainResult:
     try:
         return _train(config, ctx)
     finally:
-        parallel.shutdown_distributed()
+        parallel.shutdown_distributed(ctx)
 
 
 def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ def _read_spec_file(path: Path) -> ModelSpec:
     if not path.is_file():
         raise ElmError(f"{path}: model.spec not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise ElmError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ElmError(f"{path}: expected a mapping of spec keys")
