@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,9 @@ def load_model_state(checkpoint: Path, model: torch.nn.Module) -> dict[str, torc
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     wrapped = {"model": state}
     try:
-        dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ElmError(f"{checkpoint}: cannot be loaded into this model ({first})") from None

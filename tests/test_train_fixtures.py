@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -19,33 +18,12 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def write_token_data(directory: Path, tokenizer_dir: Path, documents: list[str],
-                     shards: int = 2) -> Path:
-    """Tokenize DOCUMENTS (EOS after each) into train shards and a held-out split."""
-    from elm_spec.tokenizer import Tokenizer, write_tokenizer_files
-    from elm_train.data.format import Shard, shard_name, token_dtype, write_index
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(tokenizer_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    ids = [np.asarray(tokenizer.encode(text, eos=True), dtype=dtype) for text in documents]
-    held_out = max(1, len(ids) // 10)
-    splits: dict[str, list[Shard]] = {"train": [], "valid": []}
-    for split, parts in (("train", np.array_split(np.arange(len(ids) - held_out), shards)),
-                         ("valid", [np.arange(len(ids) - held_out, len(ids))])):
-        for number, indices in enumerate(parts):
-            stream = np.concatenate([ids[i] for i in indices])
-            path = directory / shard_name(split, number)
-            stream.tofile(path)
-            splits[split].append(Shard(path, len(stream)))
-    write_index(directory, dtype, tokenizer.vocab_size, tokenizer.eos_id, splits, {})
-    write_tokenizer_files(tokenizer_dir / "tokenizer.model", directory)
-    return directory
-
-
 @pytest.fixture(scope="session", name="token_data")
 def token_data_fixture(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return write_token_data(tmp_path_factory.mktemp("tokens"), tokenizer_dir, stdlib_texts(12))
+    from apps.demo import write_token_shards
+
+    return write_token_shards(stdlib_texts(12), tokenizer_dir, tmp_path_factory.mktemp("tokens"),
+                              held_out_fraction=0.1, shards=2)
 
 
 def train_in_process(config: Path, *overrides: str):
