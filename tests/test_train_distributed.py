@@ -17,7 +17,7 @@ from tests.test_train_fixtures import (
     write_config,
 )
 
-STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op")
+STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,10 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path)
     root = tmp_path_factory.mktemp("two")
     for strategy in STRATEGIES:
         write_config(root / f"{strategy}.yaml", token_data, root / strategy / "run",
-                     train={"micro_batch_size": 2}, parallel={"strategy": strategy},
+                     train={"micro_batch_size": 2},
+                     # hsdp: 2 replicas of 1 shard, the other axis of the mesh from fsdp's.
+                     parallel={"strategy": strategy,
+                               "replicate_degree": 2 if strategy == "hsdp" else None},
                      checkpoint={"dir": str(root / strategy / "ckpt"), "every": 5})
     script = (
         "from elm_train.config import load_config\n"

@@ -14,6 +14,13 @@ from elm_train.config import RECIPES, load_config
 from elm_train.data.format import Shard, write_index
 from elm_train.data.loader import TokenWindowLoader
 from elm_train.trainer import lr_multiplier, parameter_groups
+from tests.test_train_fixtures import (
+    final_weights,
+    losses,
+    token_data_fixture,  # noqa: F401  (the token_data fixture)
+    train_in_process,
+    write_config,
+)
 
 
 def counting_data(directory: Path, lengths: tuple[int, ...]) -> Path:
@@ -128,3 +135,35 @@ def test_bad_config_values_are_named(override: str, message: str) -> None:
     with pytest.raises(ElmError, match=message.replace("(", r"\(")):
         load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True}},
                     overrides=[override])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(token_data: Path, tmp_path: Path) -> None:
+    big = write_config(tmp_path / "big.yaml", token_data, tmp_path / "big")
+    accumulated = write_config(tmp_path / "acc.yaml", token_data, tmp_path / "acc",
+                               train={"micro_batch_size": 2, "grad_accum_steps": 2})
+    train_in_process(big, "train.max_steps=5")
+    train_in_process(accumulated, "train.max_steps=5")
+    for ours, theirs in zip(losses(tmp_path / "acc"), losses(tmp_path / "big"), strict=True):
+        assert abs(ours - theirs) / theirs <= 1e-5
+
+
+def test_export_and_plot_from_the_command_line(token_data: Path, tmp_path: Path) -> None:
+    from elm_train import load_model
+    from tests.conftest import run_elm
+
+    config = write_config(tmp_path / "config.yaml", token_data, tmp_path / "run",
+                          checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(config, "train.max_steps=3")
+    result = run_elm("export", str(tmp_path / "ckpt"), str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    model = load_model(tmp_path / "model")
+    weights = final_weights(tmp_path / "ckpt")
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == (
+        token_data / "tokenizer.model").read_bytes()
+    again = run_elm("export", str(tmp_path / "ckpt"), str(tmp_path / "model"))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    plotted = run_elm("plot", str(tmp_path / "run"))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
