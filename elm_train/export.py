@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -22,4 +23,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], destination: str | os.
     task = cls.for_export(config, step_dir) if hasattr(cls, "for_export") else cls(config)
     model = task.build_model()
     state = load_model_state(step_dir, model)
-    return task.export(state, destination, dtype=dtype, force=force)
+    accepted = inspect.signature(task.export).parameters
+    options = {k: v for k, v in (("dtype", dtype), ("force", force)) if k in accepted}
+    if not force and Path(destination).is_dir() and any(Path(destination).iterdir()):
+        raise ElmError(f"{destination}: already exists and is not empty (use --force to replace it)")
+    return Path(task.export(state, destination, **options) or destination)

@@ -113,6 +113,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     strategy = config.parallel.strategy
 
     model = task.build_model()
+    if any(p.is_meta for p in model.parameters()):
+        model = model.to_empty(device="cpu")
+        task.init_weights(model)
     if tc.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if tc.compile:
