@@ -27,11 +27,11 @@ EVAL_BATCHES = 16
 class DemoOptions:
     output: Path
     corpus: Path | None = None
-    steps: int = 250
+    steps: int = 500
     vocab_size: int = 1024
     seq_len: int = 256
-    micro_batch_size: int = 8
-    lr: float = 3e-3
+    micro_batch_size: int = 4
+    lr: float = 5e-3
     preset: str = "elm-demo"
     prompt: str = "def "
     max_tokens: int = 120

@@ -38,6 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
 from elm_spec import ElmError
 from elm_train.parallel import DistContext
 
+# DCP warns when it runs without a process group; one process is a supported case here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"
 CONFIG_COPY = "train_config.yaml"
@@ -171,9 +174,7 @@ def load_model_state(checkpoint: Path, model: torch.nn.Module) -> dict[str, torc
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     wrapped = {"model": state}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ElmError(f"{checkpoint}: cannot be loaded into this model ({first})") from None

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(Path("elm-demo"), "--output", "-o", help="Directory to create."),
         corpus: Path = typer.Option(None, "--corpus", help="A text file or a directory of text "
                                     "files (default: this machine's Python standard library)."),
-        steps: int = typer.Option(250, "--steps", help="Training steps."),
+        steps: int = typer.Option(500, "--steps", help="Training steps."),
         prompt: str = typer.Option("def ", "--prompt", help="Prompt to sample from."),
         max_tokens: int = typer.Option(120, "--max-tokens", "-m", help="Tokens to generate."),
         temp: float = typer.Option(0.7, "--temp", help="Sampling temperature."),
