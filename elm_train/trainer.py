@@ -70,7 +70,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     implementation = optim.implementation
     if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
+        # One pass over parameter, gradient and both moments, on GPUs and CPUs alike (the CPU
+        # profile of a 270M step spent 8% in foreach AdamW's separate elementwise passes).
+        implementation = "fused"
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
              "for-loop": {"foreach": False}}[implementation]
     return torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr,
