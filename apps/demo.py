@@ -209,7 +209,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         lap("train")
         export_checkpoint(trained.checkpoint, staging / "model")
         mlx_dir = to_mlx(staging / "model", staging / "mlx")
-        plot_run(staging / "run", staging / "curves.png")
+        plot_run(staging / "run", staging / "curves.png",
+                 title=f"elm demo: {options.preset}, {options.steps} steps")
         lap("export")
 
     final = options.output

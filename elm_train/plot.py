@@ -9,7 +9,8 @@ from elm_spec import ElmError
 from elm_train.metrics import read_metrics
 
 
-def plot_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
+def plot_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
+             title: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,7 @@ def plot_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | N
     speed_axis.set_xlabel("step")
     speed_axis.set_ylabel(speed_key.replace("_per_s", "/s") + " (all devices)")
     speed_axis.grid(alpha=0.3)
-    figure.suptitle(str(run_dir))
+    figure.suptitle(title or str(run_dir))
     figure.tight_layout()
     target = Path(output) if output else Path(run_dir) / "curves.png"
     figure.savefig(target, dpi=110)
