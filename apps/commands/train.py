@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         print_config: bool = typer.Option(False, "--print-config",
                                           help="Print the resolved config and exit."),
     ) -> None:
-        """Train a model. Run it plainly or under `torchrun --nproc_per_node N elm train ...`."""
+        """Train a model, in one process or under `torchrun --nproc_per_node N -m apps train ...`."""
         from elm_train.config import dump_config, load_config
 
         extra = list(overrides or [])
