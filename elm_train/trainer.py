@@ -103,8 +103,23 @@ def train(config: Config) -> TrainResult:
     ctx = parallel.init_distributed(config.train.device)
     try:
         return _train(config, ctx)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        message = str(error).strip().splitlines()[0][:500] if str(error).strip() else "MemoryError"
+        oom_log = MetricsLog(config.log.run_dir, ctx.is_main)
+        oom_log.write({"event": "oom", "message": message, "world_size": ctx.world_size})
+        oom_log.close()
+        print(f"error: out of memory: {message}", file=sys.stderr, flush=True)
+        sys.exit(OOM_EXIT_CODE)
     finally:
         parallel.shutdown_distributed(ctx)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (GPU), MemoryError, or the CPU allocator's failure."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
@@ -222,16 +237,12 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                         print(f"stopped by signal at step {step}; checkpoint: {last_saved}",
                               flush=True)
                     break
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        log.write({"event": "oom", "step": step, "message": str(error).splitlines()[0][:500]})
+    finally:
         log.close()
-        print(f"error: out of memory at step {step + 1}: {str(error).splitlines()[0][:200]}",
-              file=sys.stderr, flush=True)
-        sys.exit(OOM_EXIT_CODE)
-
     valid_loss = None
     if not stopped and tc.eval_batches and _has_split(task, "valid"):
         valid_loss = evaluate(task, model, ctx, tc.eval_batches, autocast)
+    log = MetricsLog(run_dir, ctx.is_main)
     log.write({"event": "end", "step": step, "loss": last_loss, "valid_loss": valid_loss,
                "checkpoint": str(last_saved) if last_saved else None,
                "stopped_by_signal": stopped, "world_size": ctx.world_size,

@@ -153,3 +153,14 @@ def test_empty_data_dir_is_named(token_data: Path, tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {empty}: no prepared token data (index.json missing; write it with "
         "`elm data prepare`)")
+
+
+def test_out_of_memory_is_logged_with_exit_code_3(token_data: Path, tmp_path: Path) -> None:
+    # A 2-billion-row embedding cannot be allocated on any machine that runs these tests.
+    config = write_config(tmp_path / "config.yaml", token_data, tmp_path / "run",
+                          model={"preset": "elm-tiny", "vocab_size": 2_000_000_000})
+    result = run_elm("train", str(config), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory: ")
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "oom" and "allocate" in last["message"]
