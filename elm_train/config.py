@@ -121,9 +121,6 @@ class Config:
             result["data"].update(task_data)
         return result
 
-    def global_batch_size(self, world_size: int) -> int:
-        return self.train.micro_batch_size * world_size * self.train.grad_accum_steps
-
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS, "model.attention": ATTENTION, "train.dtype": DTYPES, "train.device": DEVICES,

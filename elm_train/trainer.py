@@ -292,8 +292,7 @@ class _Progress:
         from rich.console import Console
 
         console = Console(stderr=True)
-        self.interactive = console.is_terminal
-        if self.interactive:
+        if console.is_terminal:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,

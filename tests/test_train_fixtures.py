@@ -67,21 +67,10 @@ def write_config(path: Path, data_dir: Path, run_dir: Path, **sections: dict) ->
     return path
 
 
-def elm_command(*args: str, nproc: int = 1) -> list[str]:
-    launcher = TORCHRUN if nproc == 2 else [sys.executable]
-    return [*launcher, "-m", "apps", *args]
-
-
-def run_train(config: Path, *overrides: str, nproc: int = 1, timeout: float = 300
-              ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0", **THREAD_ENV}
-    command = elm_command("train", str(config), *overrides, nproc=nproc)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
 def start_train(config: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0", **THREAD_ENV}
-    return subprocess.Popen(elm_command("train", str(config), *overrides), env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "apps", "train", str(config), *overrides],
+                            env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
