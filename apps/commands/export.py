@@ -1,0 +1,23 @@
+"""`elm export CKPT DST`: a training checkpoint to a model directory `elm convert` takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export(
+        checkpoint: Path = typer.Argument(..., help="A step-N checkpoint directory, or a checkpoint "
+                                                    "directory (its newest complete step)."),
+        destination: Path = typer.Argument(..., help="Model directory to write."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing DESTINATION."),
+    ) -> None:
+        """Write consolidated safetensors, config.json and tokenizer files from a checkpoint."""
+        from elm_train.export import export_checkpoint
+
+        written = export_checkpoint(checkpoint, destination, dtype=dtype, force=force)
+        typer.echo(f"{written}")

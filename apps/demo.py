@@ -1,0 +1,239 @@
+"""`elm demo`: the whole path on one machine in a few minutes.
+
+A corpus (by default this machine's Python standard library sources), a tokenizer trained on
+it, token shards with a held-out split, a small layer-wise OpenELM trained with `elm train`'s
+engine, exported to a model directory, converted to MLX, and sampled from with mlx-lm.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from elm_spec import ElmError
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".html")
+HELD_OUT_FRACTION = 0.05
+EVAL_BATCHES = 16
+
+
+@dataclass
+class DemoOptions:
+    output: Path
+    corpus: Path | None = None
+    steps: int = 500
+    vocab_size: int = 1024
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    lr: float = 5e-3
+    preset: str = "elm-demo"
+    prompt: str = "def "
+    max_tokens: int = 120
+    temp: float = 0.7
+    seed: int = 0
+    max_corpus_bytes: int = 8_000_000
+    force: bool = False
+
+
+@dataclass
+class DemoResult:
+    paths: dict[str, Path] = field(default_factory=dict)
+    unigram_entropy: float = math.nan
+    valid_loss: float = math.nan
+    mlx_valid_loss: float = math.nan
+    sample: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def corpus_texts(corpus: Path | None, max_bytes: int) -> list[str]:
+    """Documents of the corpus: one per file, in sorted path order, up to MAX_BYTES in all."""
+    if corpus is None:
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        origin = "the Python standard library"
+    elif corpus.is_file():
+        files = [corpus]
+        origin = str(corpus)
+    elif corpus.is_dir():
+        files = sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        origin = str(corpus)
+    else:
+        raise ElmError(f"{corpus}: --corpus not found")
+    texts, total = [], 0
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    if corpus is not None and corpus.is_file():
+        # One file: its paragraphs are the documents.
+        texts = [t for t in texts[0].split("\n\n") if t.strip()]
+    if len(texts) < 2 or total < 20_000:
+        raise ElmError(f"{origin}: corpus too small ({total} characters in {len(texts)} documents; "
+                       "the demo needs at least 20,000 characters in 2 documents)")
+    return texts
+
+
+def write_token_shards(texts: list[str], tokenizer_dir: Path, data_dir: Path,
+                       held_out_fraction: float = HELD_OUT_FRACTION, shards: int = 1) -> Path:
+    """Tokenize TEXTS (EOS after each) into train shards and a held-out split of whole documents."""
+    from elm_spec.tokenizer import SENTENCEPIECE_FILE, Tokenizer, write_tokenizer_files
+    from elm_train.data.format import Shard, shard_name, token_dtype, write_index
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(tokenizer_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    ids = [np.asarray([*doc, tokenizer.eos_id], dtype=dtype)
+           for doc in tokenizer.encode_batch(texts)]
+    held_out = max(1, round(len(ids) * held_out_fraction))
+    # Every k-th document is held out, so both splits sample the whole corpus.
+    stride = max(1, len(ids) // held_out)
+    valid_index = set(range(stride - 1, len(ids), stride)[:held_out])
+    train_ids = [d for i, d in enumerate(ids) if i not in valid_index]
+    valid_ids = [d for i, d in enumerate(ids) if i in valid_index]
+    splits: dict[str, list[Shard]] = {"train": [], "valid": []}
+    for split, documents, count in (("train", train_ids, shards), ("valid", valid_ids, 1)):
+        for number, part in enumerate(np.array_split(np.arange(len(documents)), count)):
+            stream = np.concatenate([documents[i] for i in part])
+            path = data_dir / shard_name(split, number)
+            stream.tofile(path)
+            splits[split].append(Shard(path, len(stream)))
+    stats = {"documents": len(ids), "train_tokens": sum(s.tokens for s in splits["train"]),
+             "valid_tokens": sum(s.tokens for s in splits["valid"])}
+    write_index(data_dir, dtype, tokenizer.vocab_size, tokenizer.eos_id, splits, stats)
+    write_tokenizer_files(Path(tokenizer_dir) / SENTENCEPIECE_FILE, data_dir)
+    return data_dir
+
+
+def unigram_entropy(data_dir: Path) -> float:
+    """Entropy in nats of the train split's token frequencies: what a model without context scores."""
+    from elm_train.data.format import read_index
+
+    data = read_index(data_dir)
+    counts = np.zeros(data.vocab_size, dtype=np.int64)
+    for shard in data.shards("train"):
+        counts += np.bincount(data.memmap(shard), minlength=data.vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def mlx_held_out_loss(model, data_dir: Path, seq_len: int, micro_batch_size: int,
+                      batches: int) -> float:
+    """Mean next-token cross-entropy of the MLX model on the held-out batches the trainer scores."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from elm_train.data.loader import TokenWindowLoader
+
+    loader = TokenWindowLoader(data_dir, "valid", seq_len, micro_batch_size, shuffle=False)
+    losses = []
+    for _ in range(min(batches, loader.batches_per_epoch)):
+        batch = next(loader)
+        logits = model(mx.array(batch["input_ids"].numpy()))
+        loss = nn.losses.cross_entropy(logits.astype(mx.float32),
+                                       mx.array(batch["labels"].numpy()), reduction="mean")
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def to_mlx(model_dir: Path, destination: Path) -> Path:
+    """The MLX model directory: converted by `convert` when installed; the exported model
+    directory is already in the layout MLX loads, so without it that directory is used as is."""
+    import importlib.util
+
+    if importlib.util.find_spec("convert") is None:
+        return model_dir
+    from convert import ConvertOptions, convert
+
+    convert(model_dir, destination, ConvertOptions(target="mlx", progress=False, force=True))
+    return destination
+
+
+def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
+    from elm_spec.modeldir import atomic_output_dir
+    from elm_spec.tokenizer import train_tokenizer
+    from elm_train.config import load_config
+    from elm_train.export import export_checkpoint
+    from elm_train.plot import plot_run
+    from elm_train.trainer import train
+
+    result = DemoResult()
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[name] = now - clock
+        clock = now
+
+    with atomic_output_dir(options.output, force=options.force) as staging:
+        texts = corpus_texts(options.corpus, options.max_corpus_bytes)
+        say(f"corpus: {len(texts)} documents, {sum(map(len, texts)):,} characters "
+            f"({options.corpus or 'Python standard library sources'})")
+        train_tokenizer(iter(texts), options.vocab_size, staging / "tokenizer",
+                        input_sentence_size=200_000)
+        lap("tokenizer")
+        write_token_shards(texts, staging / "tokenizer", staging / "data")
+        result.unigram_entropy = unigram_entropy(staging / "data")
+        lap("tokens")
+        say(f"tokenizer: {options.vocab_size} pieces; unigram entropy of the corpus "
+            f"{result.unigram_entropy:.3f} nats/token")
+
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        config = load_config(data={
+            "model": {"preset": options.preset},
+            "data": {"path": str(staging / "data"), "seed": options.seed},
+            "optim": {"lr": options.lr, "warmup_steps": max(1, options.steps // 10),
+                      "min_lr_ratio": 0.1},
+            "train": {"seq_len": options.seq_len, "micro_batch_size": options.micro_batch_size,
+                      "max_steps": options.steps, "seed": options.seed,
+                      "dtype": "bfloat16" if on_gpu else "float32",
+                      "eval_every": max(1, options.steps // 5), "eval_batches": EVAL_BATCHES},
+            "checkpoint": {"dir": str(staging / "checkpoints")},
+            "log": {"run_dir": str(staging / "run"), "every": 10},
+        })
+        say(f"training {options.preset} for {options.steps} steps of "
+            f"{options.micro_batch_size} x {options.seq_len} tokens on {'cuda' if on_gpu else 'cpu'}")
+        trained = train(config)
+        result.valid_loss = trained.valid_loss if trained.valid_loss is not None else math.nan
+        lap("train")
+        export_checkpoint(trained.checkpoint, staging / "model")
+        mlx_dir = to_mlx(staging / "model", staging / "mlx")
+        plot_run(staging / "run", staging / "curves.png",
+                 title=f"elm demo: {options.preset}, {options.steps} steps")
+        lap("export")
+
+    final = options.output
+    relocated = {name: final / path.relative_to(staging) for name, path in {
+        "tokenizer": staging / "tokenizer", "data": staging / "data",
+        "run": staging / "run", "metrics": staging / "run" / "metrics.jsonl",
+        "checkpoints": staging / "checkpoints", "model": staging / "model", "mlx": mlx_dir,
+        "plot": staging / "curves.png"}.items()}
+    result.paths = relocated
+
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    import elm_mlx
+
+    mx.random.seed(options.seed)
+    model, tokenizer = elm_mlx.load(relocated["mlx"])
+    result.mlx_valid_loss = mlx_held_out_loss(model, relocated["data"], options.seq_len,
+                                              options.micro_batch_size, EVAL_BATCHES)
+    pieces = [response.text for response in stream_generate(
+        model, tokenizer, options.prompt, max_tokens=options.max_tokens,
+        sampler=make_sampler(temp=options.temp))]
+    result.sample = options.prompt + "".join(pieces)
+    lap("sample")
+    return result

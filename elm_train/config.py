@@ -1,0 +1,361 @@
+"""Training configuration: YAML mapped onto validated dataclasses, dotted overrides, recipes.
+
+Precedence, lowest first: dataclass defaults, the recipe named by `recipe:`, the YAML file,
+`key=value` overrides from the command line. Unknown keys are rejected by their dotted name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elm_spec import ElmError
+
+TASKS = ("lm", "catlip", "clip")
+ATTENTION = ("sdpa", "eager", "flash")
+DTYPES = ("bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None
+    spec: str | None = None
+    init_from: str | None = None
+    attention: str = "sdpa"
+    vocab_size: int | None = None
+    # tokenizer.model (or a directory holding one) carried into checkpoints and exports;
+    # by default the one in data.path or init_from.
+    tokenizer: str | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    synthetic: bool = False
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    warmup_init_lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    z_loss: float = 1e-4
+    implementation: str = "auto"
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    seed: int = 0
+    dtype: str = "bfloat16"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    eval_every: int = 0
+    eval_batches: int = 20
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "none"
+    # hsdp only: size of the replicate dimension (default: the number of nodes).
+    replicate_degree: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    every: int = 0
+    keep: int = 3
+    resume: bool = True
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs/elm"
+    every: int = 1
+    tensorboard: bool = False
+    progress: bool = True
+    # Peak FLOP/s per device for MFU; 0 means look up the GPU or measure the CPU GEMM peak.
+    peak_flops: float = 0.0
+
+
+@dataclass
+class Config:
+    task: str = "lm"
+    recipe: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Task-specific keys found under `data`, validated by the task's `data_config` dataclass.
+    task_data: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        result = dataclasses.asdict(self)
+        task_data = result.pop("task_data")
+        if task_data:
+            result["data"].update(task_data)
+        return result
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS, "model.attention": ATTENTION, "train.dtype": DTYPES, "train.device": DEVICES,
+    "parallel.strategy": STRATEGIES, "optim.implementation": ADAMW_IMPLEMENTATIONS,
+}
+POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps",
+            "log.every", "checkpoint.keep", "train.eval_batches")
+NON_NEGATIVE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.warmup_init_lr",
+                "optim.weight_decay", "optim.eps", "optim.grad_clip", "optim.z_loss",
+                "checkpoint.every", "train.eval_every", "log.peak_flops")
+
+
+# ----- recipes (FACTS.md section 3: CoreNet's OpenELM configs) --------------------------
+def _openelm_recipe(preset: str, lr: float, checkpointing: bool, strategy: str) -> dict[str, Any]:
+    return {
+        "model": {"preset": preset},
+        "optim": {"lr": lr, "min_lr_ratio": 0.1, "warmup_steps": 5000, "warmup_init_lr": 1e-6,
+                  "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+                  "z_loss": 1e-4},
+        "train": {"seq_len": 2048, "max_steps": 350_000, "dtype": "bfloat16",
+                  "activation_checkpointing": checkpointing},
+        "parallel": {"strategy": strategy},
+    }
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "openelm-270m": _openelm_recipe("OpenELM-270M", 5.3e-3, False, "ddp"),
+    "openelm-450m": _openelm_recipe("OpenELM-450M", 3.9e-3, True, "ddp"),
+    "openelm-1.1b": _openelm_recipe("OpenELM-1_1B", 2.4e-3, True, "ddp"),
+    "openelm-3b": _openelm_recipe("OpenELM-3B", 1.2e-3, True, "fsdp"),
+}
+
+
+# ----- loading --------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=3e-4` -> ("optim.lr", 0.0003); values are parsed as YAML scalars or lists."""
+    if "=" not in text:
+        raise ElmError(f"override {text!r} is not of the form key=value (e.g. train.max_steps=20)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ElmError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ElmError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> Config:
+    """A validated Config from a YAML file and/or a dict, then `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        if not file.is_file():
+            raise ElmError(f"{file}: not found")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as error:
+            raise ElmError(f"{file}: not valid YAML ({error})".replace("\n", " ")) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ElmError(f"{file}: expected a mapping of sections (model, data, optim, train, ...)")
+        raw = loaded
+    if data:
+        raw = _deep_merge(raw, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    recipe = raw.get("recipe")
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ElmError(f"{source}: unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+        raw = _deep_merge(RECIPES[recipe], raw)
+    try:
+        return build_config(raw)
+    except ElmError as error:
+        raise ElmError(f"{source}: {error}") from None
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    from elm_train.tasks import task_class
+
+    raw = dict(raw)
+    task_name = raw.get("task", "lm")
+    if task_name not in TASKS:
+        raise ElmError(f"task: {task_name!r} is not one of {', '.join(TASKS)}")
+    data_section = raw.get("data") or {}
+    if not isinstance(data_section, dict):
+        raise ElmError("data: expected a mapping")
+    engine_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    task_data_class = getattr(task_class(task_name), "data_config", None)
+    task_keys = {k: v for k, v in data_section.items() if k not in engine_keys}
+    if task_keys and task_data_class is None:
+        raise ElmError(f"unknown key 'data.{next(iter(task_keys))}'")
+    raw["data"] = {k: v for k, v in data_section.items() if k in engine_keys}
+    config = _build_dataclass(Config, {k: v for k, v in raw.items() if k != "task_data"}, "")
+    if task_data_class is not None:
+        config.task_data = _build_dataclass(task_data_class, task_keys, "data")
+    _check_values(config)
+    return config
+
+
+def _build_dataclass(cls: type, data: Any, section: str) -> Any:
+    if not isinstance(data, dict):
+        raise ElmError(f"{section or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ElmError(f"unknown key '{_join(section, key)}'")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        dotted = _join(section, f.name)
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build_dataclass(hint, data[f.name] or {}, dotted)
+        else:
+            values[f.name] = _coerce(data[f.name], hint, dotted)
+    return cls(**values)
+
+
+def _join(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ElmError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ElmError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ElmError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ElmError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ElmError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ElmError(f"{key}: expected a string, got {value!r}")
+    if hint is typing.Any:
+        return value
+    raise ElmError(f"{key}: unsupported value {value!r}")
+
+
+def _get(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_values(config: Config) -> None:
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ElmError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if _get(config, key) <= 0:
+            raise ElmError(f"{key}: must be positive, got {_get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ElmError(f"{key}: must not be negative, got {_get(config, key)}")
+    betas = config.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ElmError(f"optim.betas: expected two numbers in [0, 1), got {betas}")
+    if config.optim.min_lr_ratio > 1:
+        raise ElmError(f"optim.min_lr_ratio: must be at most 1, got {config.optim.min_lr_ratio}")
+    replicate = config.parallel.replicate_degree
+    if replicate is not None and replicate <= 0:
+        raise ElmError(f"parallel.replicate_degree: must be positive, got {replicate}")
+    if config.task == "lm":
+        sources = [k for k in ("preset", "spec", "init_from") if getattr(config.model, k)]
+        if len(sources) != 1:
+            raise ElmError("model: give exactly one of model.preset, model.spec or model.init_from"
+                           + (f" (got {', '.join('model.' + s for s in sources)})" if sources else ""))
+        if (config.data.path is None) == (not config.data.synthetic):
+            raise ElmError("data: give exactly one of data.path (prepared tokens) or data.synthetic: true")
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

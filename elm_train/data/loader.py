@@ -1,0 +1,125 @@
+"""Batches of token windows from prepared shards, identical for any number of processes.
+
+A split is one token stream (its shards in index order) cut into non-overlapping windows of
+seq_len + 1 tokens. Each epoch orders the windows with a permutation seeded by (seed, epoch);
+global batch k is windows[k*G : (k+1)*G] with G = micro_batch_size * world_size, and rank r
+takes its micro_batch_size slice. The position (epoch, step) is the whole state, so a run
+resumes exactly, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from elm_spec import ElmError
+from elm_train.data.format import INDEX_FILE, TokenData, read_index
+
+
+class TokenWindowLoader:
+    """`next(loader)` -> {"input_ids": [micro_batch, seq_len], "labels": [micro_batch, seq_len]}."""
+
+    def __init__(self, data: TokenData | str | os.PathLike[str], split: str, seq_len: int,
+                 micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        self.data = data if isinstance(data, TokenData) else read_index(data)
+        self.split = split
+        self.window = seq_len + 1
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        shards = self.data.shards(split)
+        self.arrays = [self.data.memmap(shard) for shard in shards]
+        self.starts = np.cumsum([0] + [shard.tokens for shard in shards])
+        self.num_windows = int(self.starts[-1]) // self.window
+        self.global_batch = micro_batch_size * world_size
+        self.batches_per_epoch = self.num_windows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ElmError(
+                f"{self.data.directory / INDEX_FILE}: the {split!r} split has {int(self.starts[-1])} "
+                f"tokens, {self.num_windows} windows of seq_len+1 = {self.window}; a global batch "
+                f"needs {self.global_batch}")
+        self.epoch = 0
+        self.step = 0
+        self._order_epoch = -1
+        self._order = np.arange(self.num_windows)
+
+    def __iter__(self) -> TokenWindowLoader:
+        return self
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._order = rng.permutation(self.num_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def _read_window(self, window: int) -> np.ndarray:
+        start = window * self.window
+        end = start + self.window
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        shard = first
+        while start < end:
+            offset = start - int(self.starts[shard])
+            take = min(end, int(self.starts[shard + 1])) - start
+            pieces.append(self.arrays[shard][offset: offset + take])
+            start += take
+            shard += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        order = self._epoch_order()
+        begin = self.step * self.global_batch + self.rank * self.micro_batch_size
+        windows = order[begin: begin + self.micro_batch_size]
+        tokens = np.stack([self._read_window(int(w)) for w in windows]).astype(np.int64)
+        self.step += 1
+        if self.step == self.batches_per_epoch:
+            self.epoch += 1
+            self.step = 0
+        batch = torch.from_numpy(tokens)
+        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ElmError(f"data.seed is {self.seed} but the checkpoint was written with seed "
+                           f"{state['seed']}; resuming would change the data order")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class SyntheticTokenLoader:
+    """Uniform random tokens (for benchmarks): batch k on rank r is a pure function of (seed, k, r)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, rank: int = 0,
+                 seed: int = 0):
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.seed = seed
+        self.step = 0
+
+    def __iter__(self) -> SyntheticTokenLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank)) & 0x7FFFFFFF)
+        tokens = torch.randint(0, self.vocab_size, (self.micro_batch_size, self.seq_len + 1),
+                               generator=generator)
+        self.step += 1
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])

@@ -1,0 +1,119 @@
+"""Throughput accounting (FACTS.md section 6), peak memory, and the run's metrics log.
+
+RUN_DIR/metrics.jsonl gets one JSON object per logged step and a last `{"event": "end"}`
+line; rank 0 writes it. TensorBoard scalars are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks in FLOP/s (FACTS.md section 6).
+GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    for model, peak in GPU_PEAK_FLOPS.items():
+        if model in device_name.upper():
+            return peak
+    return None
+
+
+def measure_gemm_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                       repeats: int = 5) -> float:
+    """The best FLOP/s of a square torch matmul on DEVICE: the ceiling a training step can reach."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
+    """Per-device peak for MFU: configured, else the GPU table, else measured on a CPU."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return measure_gemm_flops(device, dtype)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def mfu(flops_per_item: float, items_per_s_per_device: float, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return flops_per_item * items_per_s_per_device / peak
+
+
+class MetricsLog:
+    """JSONL (and optional TensorBoard) writer; a no-op on every rank but 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    from elm_spec import ElmError
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ElmError(f"{path}: not found (is {run_dir} a training run directory?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ElmError(f"{path}: line {number} is not valid JSON") from None
+    return records

@@ -1,0 +1,172 @@
+"""Process groups, devices and what is applied to a model from outside: activation
+checkpointing, per-block torch.compile, and DDP / FSDP2 / HSDP wrapping.
+
+The same code runs under `torchrun` on GPUs (NCCL) and on CPUs (gloo); on a CPU the device
+mesh is built explicitly for "cpu", so a machine that also has GPUs still shards on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from elm_spec import ElmError
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    # Whether init_distributed created the process group (and so should destroy it).
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def mean_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world_size
+
+
+def resolve_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ElmError("train.device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (or run as one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns_group = False
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        owns_group = True
+    return DistContext(rank, world_size, local_rank, local_world_size, device, owns_group)
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks a model exposes as `layers` (OpenELM, and vision towers alike)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ElmError(f"{type(model).__name__} exposes no `layers` ModuleList to wrap per block")
+    return layers
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = transformer_blocks(model)
+    for index, block in enumerate(blocks):
+        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block (one graph reused by every block of the same shape)."""
+    for block in transformer_blocks(model):
+        block.compile(fullgraph=True)
+
+
+def build_mesh(ctx: DistContext, strategy: str, replicate_degree: int | None):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = ctx.device.type
+    if strategy != "hsdp":
+        return init_device_mesh(device_type, (ctx.world_size,), mesh_dim_names=("shard",))
+    replicate = replicate_degree or max(1, ctx.world_size // ctx.local_world_size)
+    if ctx.world_size % replicate:
+        raise ElmError(f"parallel.replicate_degree {replicate} does not divide the world size "
+                       f"{ctx.world_size}")
+    return init_device_mesh(device_type, (replicate, ctx.world_size // replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: torch.dtype,
+               replicate_degree: int | None = None) -> nn.Module:
+    """Move to the device and apply the data-parallel strategy; the model itself is unchanged."""
+    if strategy != "none" and ctx.world_size == 1 and not ctx.distributed:
+        strategy = "none"
+    if strategy == "none":
+        if ctx.world_size > 1:
+            raise ElmError(f"parallel.strategy is 'none' but {ctx.world_size} processes are running; "
+                           "choose ddp, fsdp, fsdp-grad-op or hsdp")
+        return model.to(ctx.device)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = model.to(ctx.device)
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = build_mesh(ctx, strategy, replicate_degree)
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    reshard = strategy != "fsdp-grad-op"
+    model = model.to(ctx.device)
+    blocks = transformer_blocks(model)
+    for index, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them.
+        fully_shard(block, mesh=mesh, mp_policy=mixed,
+                    reshard_after_forward=reshard and index < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mixed, reshard_after_forward=reshard)
+    return model
+
+
+def uses_fsdp(strategy: str) -> bool:
+    return strategy in ("fsdp", "fsdp-grad-op", "hsdp")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield

@@ -1,0 +1,151 @@
+"""Causal language modelling of OpenELM models: next-token cross-entropy plus z-loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elm_spec import ElmError, ModelSpec
+from elm_spec.modeldir import CONFIG_FILE, copy_tokenizer_files, read_spec, write_json
+from elm_spec.tokenizer import SENTENCEPIECE_FILE
+from elm_train.config import Config
+from elm_train.data.format import INDEX_FILE, TokenData, read_index
+from elm_train.data.loader import SyntheticTokenLoader, TokenWindowLoader
+
+
+def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
+    """The model shape: preset, spec file or init_from dir, with the vocabulary fitted to the data."""
+    model = config.model
+    if model.preset:
+        spec = ModelSpec.from_preset(model.preset)
+    elif model.spec:
+        spec = _read_spec_file(Path(model.spec))
+    else:
+        spec = read_spec(model.init_from)
+    if model.vocab_size is not None:
+        spec = spec.replace(vocab_size=model.vocab_size)
+    elif data is not None and not model.init_from:
+        spec = spec.replace(vocab_size=data.vocab_size)
+    if data is not None and data.vocab_size > spec.vocab_size:
+        raise ElmError(f"{data.directory / INDEX_FILE}: vocabulary of {data.vocab_size} tokens does "
+                       f"not fit the model's vocab_size {spec.vocab_size}")
+    return spec
+
+
+def _read_spec_file(path: Path) -> ModelSpec:
+    """A YAML or JSON file of spec keys (ModelSpec or config.json names)."""
+    import yaml
+
+    if not path.is_file():
+        raise ElmError(f"{path}: model.spec not found")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ElmError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ElmError(f"{path}: expected a mapping of spec keys")
+    try:
+        return ModelSpec.from_config(data)
+    except (ElmError, TypeError) as error:
+        raise ElmError(f"{path}: {error}") from None
+
+
+class LanguageModelTask:
+    data_config = None
+    item_name = "tokens"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.data: TokenData | None = None
+        if config.data.path is not None:
+            directory = Path(config.data.path)
+            if not (directory / INDEX_FILE).is_file():
+                raise ElmError(f"{directory}: no prepared token data ({INDEX_FILE} missing; "
+                               "write it with `elm data prepare`)")
+            self.data = read_index(directory)
+        self.spec = spec_from_config(config, self.data)
+        self.tokenizer_path = self._find_tokenizer()
+
+    def _find_tokenizer(self) -> Path | None:
+        model = self.config.model
+        if model.tokenizer:
+            path = Path(model.tokenizer)
+            path = path / SENTENCEPIECE_FILE if path.is_dir() else path
+            if not path.is_file():
+                raise ElmError(f"{path}: model.tokenizer not found")
+            return path
+        for directory in (self.config.data.path, model.init_from):
+            if directory and (Path(directory) / SENTENCEPIECE_FILE).is_file():
+                return Path(directory) / SENTENCEPIECE_FILE
+        return None
+
+    @classmethod
+    def for_export(cls, config: Config, checkpoint_dir: Path) -> LanguageModelTask:
+        """The task as a checkpoint describes it: its config.json and tokenizer, no data needed."""
+        import dataclasses
+
+        model = dataclasses.replace(config.model, preset=None, init_from=None, vocab_size=None,
+                                    spec=str(checkpoint_dir / CONFIG_FILE),
+                                    tokenizer=str(checkpoint_dir) if (checkpoint_dir / SENTENCEPIECE_FILE).is_file() else None)
+        data = dataclasses.replace(config.data, path=None, synthetic=True)
+        return cls(dataclasses.replace(config, model=model, data=data))
+
+    def build_model(self) -> torch.nn.Module:
+        from elm_train.model import OpenELM
+        from elm_train.modeldir import load_state_dict
+
+        model = OpenELM(self.spec, attention=self.config.model.attention)
+        if self.config.model.init_from:
+            model.load_state_dict(load_state_dict(self.config.model.init_from, self.spec))
+        else:
+            model.init_weights(torch.Generator().manual_seed(self.config.train.seed))
+        return model.float()
+
+    def build_loader(self, split: str, rank: int, world_size: int):
+        train = self.config.train
+        if self.data is None:
+            seed = self.config.data.seed + (0 if split == "train" else 1)
+            return SyntheticTokenLoader(self.spec.vocab_size, train.seq_len, train.micro_batch_size,
+                                        rank, seed)
+        return TokenWindowLoader(self.data, split, train.seq_len, train.micro_batch_size, rank,
+                                 world_size, self.config.data.seed, shuffle=split == "train")
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = model(batch["input_ids"]).float()
+        return language_model_loss(logits, batch["labels"], self.config.optim.z_loss)
+
+    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
+    def flops_per_item(self) -> float:
+        return float(self.spec.flops_per_token(self.config.train.seq_len))
+
+    def write_checkpoint_files(self, directory: Path) -> None:
+        write_json(directory / CONFIG_FILE, self.spec.to_config(torch_dtype="float32"))
+        if self.tokenizer_path is not None:
+            copy_tokenizer_files(self.tokenizer_path.parent, directory)
+
+    def export(self, model_state: dict[str, torch.Tensor], destination: str | os.PathLike[str],
+               dtype: str = "float32", force: bool = False) -> Path:
+        from elm_train.modeldir import save_model_dir
+
+        return save_model_dir(model_state, self.spec, destination, self.tokenizer_path,
+                              dtype=dtype, force=force)
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean cross-entropy plus z_loss_weight * mean(logsumexp^2), sharing one logsumexp."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    cross_entropy = (log_normalizer - target).mean()
+    z_loss = z_loss_weight * log_normalizer.square().mean()
+    return cross_entropy + z_loss, {"loss": cross_entropy.detach(), "z_loss": z_loss.detach()}

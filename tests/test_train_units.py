@@ -1,0 +1,169 @@
+"""The loader, config and schedule, checked against independent computations (in-process, fast)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from elm_spec import ElmError
+from elm_train.config import RECIPES, load_config
+from elm_train.data.format import Shard, write_index
+from elm_train.data.loader import TokenWindowLoader
+from elm_train.trainer import lr_multiplier, parameter_groups
+from tests.test_train_fixtures import (
+    final_weights,
+    losses,
+    token_data_fixture,  # noqa: F401  (the token_data fixture)
+    train_in_process,
+    write_config,
+)
+
+
+def counting_data(directory: Path, lengths: tuple[int, ...]) -> Path:
+    """Shards holding 0, 1, 2, ... in order, so every token names its position in the stream."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, start = [], 0
+    for number, length in enumerate(lengths):
+        path = directory / f"train-{number:05d}.bin"
+        np.arange(start, start + length, dtype=np.uint32).tofile(path)
+        shards.append(Shard(path, length))
+        start += length
+    write_index(directory, np.dtype(np.uint32), 100_000, 2, {"train": shards}, {})
+    return directory
+
+
+def test_windows_cross_shards_and_cover_each_epoch_once(tmp_path: Path) -> None:
+    data = counting_data(tmp_path, (50, 7, 80))  # 137 tokens -> 15 windows of 9
+    loader = TokenWindowLoader(data, "train", seq_len=8, micro_batch_size=3, seed=4)
+    assert loader.num_windows == 15 and loader.batches_per_epoch == 5
+    seen = []
+    for _ in range(5):
+        batch = next(loader)
+        assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+        for row in torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1):
+            assert row[0] % 9 == 0 and torch.equal(row, torch.arange(row[0], row[0] + 9))
+            seen.append(int(row[0]) // 9)
+    assert sorted(seen) == list(range(15))
+    assert loader.state_dict() == {"epoch": 1, "step": 0, "seed": 4}
+    next_epoch = [int(next(loader)["input_ids"][0, 0]) for _ in range(5)]
+    assert next_epoch != [s * 9 for s in seen[::3]]  # a new permutation
+
+
+def test_global_batch_is_the_same_for_any_world_size(tmp_path: Path) -> None:
+    data = counting_data(tmp_path, (1000,))
+    single = TokenWindowLoader(data, "train", 8, 4, seed=1)
+    ranks = [TokenWindowLoader(data, "train", 8, 2, rank=r, world_size=2, seed=1) for r in (0, 1)]
+    for _ in range(30):  # more than one epoch
+        whole = next(single)["input_ids"]
+        parts = torch.cat([next(loader)["input_ids"] for loader in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_loader_state_restores_the_exact_position(tmp_path: Path) -> None:
+    data = counting_data(tmp_path, (1000,))
+    loader = TokenWindowLoader(data, "train", 8, 4, seed=3)
+    for _ in range(40):
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader)["input_ids"] for _ in range(5)]
+    restored = TokenWindowLoader(data, "train", 8, 4, seed=3)
+    restored.load_state_dict(state)
+    assert all(torch.equal(next(restored)["input_ids"], e) for e in expected)
+    with pytest.raises(ElmError, match=r"data\.seed is 9"):
+        TokenWindowLoader(data, "train", 8, 4, seed=9).load_state_dict(state)
+
+
+def test_too_little_data_for_a_batch_is_named(tmp_path: Path) -> None:
+    data = counting_data(tmp_path, (30,))
+    with pytest.raises(ElmError, match=r"'train' split has 30 tokens, 3 windows .* needs 8"):
+        TokenWindowLoader(data, "train", 8, 4, world_size=2)
+
+
+def test_schedule_is_warmup_then_cosine_to_the_floor() -> None:
+    config = load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True},
+                               "optim": {"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1}})
+    optim = config.optim
+    assert lr_multiplier(0, optim, 110) * 1e-3 == pytest.approx(1e-6)
+    assert lr_multiplier(5, optim, 110) * 1e-3 == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_multiplier(10, optim, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, optim, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(110, optim, 110) == pytest.approx(0.1)
+    assert lr_multiplier(60 + 25, optim, 110) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 75 / 100)))
+
+
+def test_no_weight_decay_on_one_dimensional_parameters() -> None:
+    from elm_spec import ModelSpec
+    from elm_train.model import OpenELM
+
+    model = OpenELM(ModelSpec.from_preset("elm-tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith("norm.weight") for p in no_decay["params"])
+    assert "transformer.token_embeddings.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_recipe_yaml_and_overrides_stack(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("recipe: openelm-270m\ndata: {synthetic: true}\noptim: {warmup_steps: 10}\n")
+    config = load_config(path, ["optim.lr=2e-4", "train.max_steps=20"])
+    assert config.model.preset == "OpenELM-270M"
+    assert config.optim.lr == 2e-4 and config.optim.warmup_steps == 10
+    assert config.optim.betas == [0.9, 0.95] and config.optim.z_loss == 1e-4
+    assert config.train.max_steps == 20 and config.train.dtype == "bfloat16"
+    assert RECIPES["openelm-3b"]["parallel"]["strategy"] == "fsdp"
+    assert load_config(data={"recipe": "openelm-1.1b", "data": {"synthetic": True}}
+                       ).train.activation_checkpointing is True
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("trian.seq_len=8", "unknown key 'trian'"),
+    ("train.seq_len=abc", "train.seq_len: expected an integer, got 'abc'"),
+    ("parallel.strategy=zero3", "parallel.strategy: 'zero3' is not one of"),
+    ("recipe=openelm-9b", "unknown recipe 'openelm-9b'"),
+    ("train.max_steps=0", "train.max_steps: must be positive"),
+    ("data.shards=x", "unknown key 'data.shards'"),
+])
+def test_bad_config_values_are_named(override: str, message: str) -> None:
+    with pytest.raises(ElmError, match=message.replace("(", r"\(")):
+        load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True}},
+                    overrides=[override])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(token_data: Path, tmp_path: Path) -> None:
+    big = write_config(tmp_path / "big.yaml", token_data, tmp_path / "big")
+    accumulated = write_config(tmp_path / "acc.yaml", token_data, tmp_path / "acc",
+                               train={"micro_batch_size": 2, "grad_accum_steps": 2})
+    train_in_process(big, "train.max_steps=5")
+    train_in_process(accumulated, "train.max_steps=5")
+    for ours, theirs in zip(losses(tmp_path / "acc"), losses(tmp_path / "big"), strict=True):
+        assert abs(ours - theirs) / theirs <= 1e-5
+
+
+def test_export_and_plot_from_the_command_line(token_data: Path, tmp_path: Path) -> None:
+    from elm_train import load_model
+    from tests.conftest import run_elm
+
+    config = write_config(tmp_path / "config.yaml", token_data, tmp_path / "run",
+                          checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(config, "train.max_steps=3")
+    result = run_elm("export", str(tmp_path / "ckpt"), str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    model = load_model(tmp_path / "model")
+    weights = final_weights(tmp_path / "ckpt")
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == (
+        token_data / "tokenizer.model").read_bytes()
+    again = run_elm("export", str(tmp_path / "ckpt"), str(tmp_path / "model"))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    plotted = run_elm("plot", str(tmp_path / "run"))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
