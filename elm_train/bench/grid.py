@@ -276,11 +276,12 @@ class _Reader:
 
     def check_cell(self, cell: Cell, where: str) -> None:
         spec = load_model_spec(cell.model)
+        entry = f"{where}cell '{cell.describe()}'"
         if cell.seq_len > spec.max_context_length:
-            raise self.fail(f"{where}seq_len", f"{cell.seq_len} is longer than {cell.model_name}'s "
+            raise self.fail(entry, f"seq_len {cell.seq_len} is longer than {cell.model_name}'s "
                             f"max_context_length {spec.max_context_length}")
         if cell.strategy == "none" and cell.world_size > 1:
-            raise self.fail(f"{where}strategies", f"'none' cannot run on {cell.world_size} devices "
+            raise self.fail(entry, f"strategy 'none' cannot run on {cell.world_size} devices "
                             "(gpus x nodes); use ddp or fsdp")
         if cell.settings.loss_budget_tokens:
             if not cell.settings.data_path:

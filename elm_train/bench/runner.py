@@ -110,10 +110,10 @@ class ResultsStore:
     def finished_keys(self) -> set[str]:
         return {row["key"] for row in self.rows() if row.get("status") in FINISHED}
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, *rows: dict[str, Any]) -> None:
         with self._locked():
             with open(self.jsonl, "a") as out:
-                out.write(json.dumps(row) + "\n")
+                out.writelines(json.dumps(row) + "\n" for row in rows)
             self._write_csv()
 
     def _write_csv(self) -> None:
