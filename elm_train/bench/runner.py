@@ -41,6 +41,10 @@ RESULTS_CSV = "results.csv"
 GRID_FILE = "grid.yaml"
 OOM_EXIT_CODE = 3
 FINISHED = ("ok", "oom")
+# Out-of-memory errors raised where the engine does not turn them into exit code 3 (e.g. while
+# building or wrapping the model), as torch and Python word them.
+OOM_MESSAGE = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|MemoryError",
+                         re.IGNORECASE)
 LOSS_CURVE_POINTS = 20
 # Columns of results.csv, in order (results.jsonl rows carry the same keys).
 ROW_FIELDS = (
@@ -49,7 +53,7 @@ ROW_FIELDS = (
     "tokens_per_s_per_device", "tokens_per_s_repeats", "tokens_per_s_median", "step_time_s",
     "peak_memory_bytes", "device_memory_bytes", "mfu", "gpu_type", "device_name", "price_unit", "price_per_gpu_hour",
     "price_per_hour", "tokens_per_dollar", "loss_budget_tokens", "loss_tokens", "loss_initial",
-    "loss_reached", "loss_per_token", "loss_per_dollar", "loss_cost", "loss_curve", "wall_s",
+    "loss_reached", "loss_valid", "loss_per_token", "loss_per_dollar", "loss_cost", "loss_curve", "wall_s",
     "finished_at", "key",
 )
 
@@ -305,9 +309,9 @@ def outcome(run: Launch, cell: Cell, events: list[dict[str, Any]]) -> tuple[str,
     if run.returncode == 0:
         return "ok", None
     code, local_rank = worker_exit_code(run.log)
-    if OOM_EXIT_CODE in (code, run.returncode):
-        return "oom", failure_message(run, local_rank)
     message = failure_message(run, local_rank)
+    if OOM_EXIT_CODE in (code, run.returncode) or OOM_MESSAGE.search(message):
+        return "oom", message
     if code is not None and code < 0:
         message = f"killed by signal {-code} ({message})"
     return "failed", message
@@ -350,11 +354,13 @@ def measure_throughput(steps: list[dict[str, Any]], cell: Cell) -> Throughput:
 class LossRun:
     tokens: int
     initial: float
-    reached: float
+    reached: float            # mean training loss over the last chunk of steps
+    valid: float | None       # the engine's held-out loss at the end, when the data has one
     curve: list[list[float]]  # [tokens seen, mean loss] at the end of each chunk of steps
 
 
-def measure_loss(steps: list[dict[str, Any]], cell: Cell, expected_steps: int) -> LossRun:
+def measure_loss(steps: list[dict[str, Any]], events: list[dict[str, Any]], cell: Cell,
+                 expected_steps: int) -> LossRun:
     if len(steps) < expected_steps:
         raise ElmError(f"loss run: metrics.jsonl has {len(steps)} steps, expected {expected_steps}")
     losses = [float(s["loss"]) for s in steps[:expected_steps]]
@@ -362,7 +368,8 @@ def measure_loss(steps: list[dict[str, Any]], cell: Cell, expected_steps: int) -
     chunk = math.ceil(len(losses) / LOSS_CURVE_POINTS)
     curve = [[float(tokens * min(i + chunk, len(losses))), statistics.fmean(losses[i: i + chunk])]
              for i in range(0, len(losses), chunk)]
-    return LossRun(tokens * len(losses), losses[0], curve[-1][1], curve)
+    valid = next((e.get("valid_loss") for e in events if e.get("event") == "end"), None)
+    return LossRun(tokens * len(losses), losses[0], curve[-1][1], valid, curve)
 
 
 # ----- one cell -------------------------------------------------------------------------------
@@ -436,12 +443,12 @@ def add_loss_run(cell: Cell, cell_dir: Path, context: Context, row: dict[str, An
     if status != "ok":
         return status, f"loss run: {error}"
     try:
-        loss = measure_loss(steps, cell, steps_needed)
+        loss = measure_loss(steps, events, cell, steps_needed)
     except (ElmError, KeyError, TypeError, ValueError) as problem:
         return "failed", f"loss run: unreadable metrics: {problem!r}"
     per_token = (loss.initial - loss.reached) / loss.tokens
     row.update(loss_tokens=loss.tokens, loss_initial=loss.initial, loss_reached=loss.reached,
-               loss_per_token=per_token, loss_curve=loss.curve,
+               loss_valid=loss.valid, loss_per_token=per_token, loss_curve=loss.curve,
                loss_per_dollar=cost.loss_per_dollar(per_token, row["tokens_per_s"],
                                                     row["price_per_hour"]),
                loss_cost=cost.cost_of_tokens(loss.tokens, row["tokens_per_s"],
@@ -478,7 +485,8 @@ def run_sweep(grid: Grid, out_dir: Path, context: Context, only: Sequence[int] |
             row = run_cell(cell, out_dir / "cells" / context.device_type / cell.slug, context)
             store.append(row)
             rows.append(row)
-            progress.console.print(summary_line(row))
+            progress.console.print(summary_line(row), markup=False, highlight=False,
+                                   soft_wrap=True)
             progress.advance(task)
     return rows
 
