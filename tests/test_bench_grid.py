@@ -107,13 +107,15 @@ def test_more_devices_than_exist_is_rejected_per_cell(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_a_grid_before_anything_runs(tmp_path: Path) -> None:
-    path = grid_from(tmp_path, {"models": "elm-tiny", "batch_sizes": [4], "gpus": [1, 3],
+    """A valid grid asking for more processes than this machine allows: nothing starts."""
+    path = grid_from(tmp_path, {"models": "elm-tiny", "batch_sizes": 4, "gpus": [1, 3],
                                 "seq_len": 32, "dtype": "float32"})
     out = tmp_path / "sweep"
     result = run_elm("bench", "--grid", str(path), "--out", str(out), "--max-cpu-processes", "2")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: cell 'elm-tiny batch 4")
-    assert "gpus 3 is more than the 2 processes allowed" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: cell 'elm-tiny batch 4 sdpa ddp 1x3 seq 32 float32': gpus 3 is more "
+        "than the 2 processes allowed on this CPU machine (raise it with --max-cpu-processes)"]
     assert not out.exists()
 
 

@@ -30,7 +30,6 @@ def run_sweep(grid_file: Path | None, preset: str | None, out: Path | None, pric
     from elm_train.bench.grid import Grid, check_devices, load_grid
     from elm_train.bench.report import write_report
     from elm_train.bench.runner import Context, run_sweep
-    from elm_train.model import flash_attention_available
 
     if out is None:
         raise ElmError("give --out DIR, the sweep directory")
@@ -43,6 +42,8 @@ def run_sweep(grid_file: Path | None, preset: str | None, out: Path | None, pric
             raise ElmError(f"--cell-index {cell_index}: {grid.source} has {len(grid.cells)} cells")
         selected = Grid(grid.source, (grid.cells[cell_index],))
     table = cost.load_prices(prices)
+    from elm_train.model import flash_attention_available  # torch: only once the grid is valid
+
     device = cost.detect_device()
     per_node = device.count if device.kind == "cuda" else (max_cpu_processes or os.cpu_count() or 1)
     check_devices(selected, per_node, device.kind, flash_attention_available(),

@@ -36,6 +36,9 @@ STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
 ATTENTION = ("eager", "sdpa", "flash")
 DTYPES = ("bfloat16", "float32")
 PRESET_DIR = Path(__file__).parent / "grids"
+# libyaml's parser when PyYAML has it: a SLURM grid of explicit cells can be long.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Axis name in the grid file -> field of Cell.
 AXES = {"models": "model", "batch_sizes": "batch_size", "attention": "attention",
         "strategies": "strategy", "gpus": "gpus", "nodes": "nodes", "seq_len": "seq_len",
@@ -141,7 +144,7 @@ class Grid:
                 value = getattr(cell.settings, key)
                 sweep[key] = dict(value) if key == "train" else value
             sweeps.append(sweep)
-        return yaml.safe_dump({"sweeps": sweeps}, sort_keys=False)
+        return yaml.dump({"sweeps": sweeps}, Dumper=SAFE_DUMPER, sort_keys=False)
 
 
 def is_spec_file(entry: str) -> bool:
@@ -331,7 +334,7 @@ def load_grid(path: Path | None = None, preset: str | None = None) -> Grid:
     if not path.is_file():
         raise ElmError(f"{path}: grid file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except yaml.YAMLError as error:
         raise ElmError(f"{path}: not valid YAML ({error})") from None
     return read_grid(data, str(path), path.resolve().parent)
