@@ -224,7 +224,7 @@ def test_rerun_skips_finished_cells_and_records_a_crash(sweep: SimpleNamespace) 
     assert len(list((out / "cells" / "cpu").iterdir())) == 4
 
 
-def test_slurm_array_scripts(tmp_path: Path) -> None:
+def test_slurm_array_scripts(sweep: SimpleNamespace, tmp_path: Path) -> None:
     paper = load_grid(preset="paper")
     scripts = write_slurm(paper, tmp_path / "paper", 8, [], ["--partition=gpu"])
     assert [s.name for s in scripts] == ["bench-1-nodes.sbatch", "bench-2-nodes.sbatch",
@@ -240,3 +240,30 @@ def test_slurm_array_scripts(tmp_path: Path) -> None:
     assert '--launcher slurm --no-report --cell-index "$SLURM_ARRAY_TASK_ID"' in two_nodes
     for script in scripts:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # An array task on a one-machine "cluster": srun and scontrol stand-ins on PATH, the real
+    # per-node torchrun with a c10d rendezvous, and the row appended to the shared results.
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                'SLURM_NODEID=0 exec "$@"\n')
+    (shims / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    out = sweep.root / "slurm-sweep"
+    shutil.copytree(sweep.out, out)
+    crash = {**sweep.grid, "sweeps": [*sweep.grid["sweeps"],
+                                      {"strategies": "ddp", "train": {"train.no_such_key": 2}}]}
+    crash_path = tmp_path / "crash.yaml"
+    crash_path.write_text(yaml.safe_dump(crash))
+    [array] = write_slurm(load_grid(crash_path), out, 2, [], [])[:1]
+    assert "#SBATCH --array=0,1,2,3\n" in array.read_text()
+    env = {**ENV, "PATH": f"{shims}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "3",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1]"}
+    result = subprocess.run(["bash", str(array)], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out / "results.jsonl")
+    assert rows[:3] == sweep.rows and len(rows) == 4
+    assert rows[3]["status"] == "failed" and "no_such_key" in rows[3]["error"]
+    [node_logs] = (out / "cells" / "cpu").glob("*/throughput-logs/node0")
+    assert list(node_logs.rglob("stderr.log"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +128,3 @@ def write_figures(rows: list[Row], directory: Path, currency: str) -> dict[str, 
         outcome[figure.file] = reason
     return outcome
 
-
-def grouped(rows: Iterable[Row], key: str) -> dict[Any, list[Row]]:
-    groups: dict[Any, list[Row]] = defaultdict(list)
-    for row in rows:
-        groups[row[key]].append(row)
-    return groups

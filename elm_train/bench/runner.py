@@ -34,7 +34,7 @@ import yaml
 
 from elm_spec import ElmError
 from elm_train.bench import cost
-from elm_train.bench.grid import Cell, Grid
+from elm_train.bench.grid import Cell, Grid, is_spec_file
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -153,8 +153,7 @@ def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
 def train_config(cell: Cell, run_dir: Path, max_steps: int, data_path: str | None = None
                  ) -> dict[str, Any]:
     """The `elm train` configuration of a cell (TRAIN contract keys)."""
-    model: dict[str, Any] = ({"spec": cell.model} if cell.model.endswith((".yaml", ".yml", ".json"))
-                             else {"preset": cell.model})
+    model: dict[str, Any] = {"spec": cell.model} if is_spec_file(cell.model) else {"preset": cell.model}
     model["attention"] = cell.attention
     config: dict[str, Any] = {
         "task": "lm",
