@@ -170,8 +170,11 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(sweep: SimpleNames
     assert "memory" in oom["error"].lower()
     # The cell after it in the grid file ran; the out-of-memory cell ran third.
     assert [r["status"] for r in sweep.rows] == ["ok", "ok", "oom"]
-    # The engine's side of the contract: an {"event": "oom"} line and exit code 3.
-    directory = cell_dir(sweep.out, oom)
+
+
+def test_engine_reports_out_of_memory_by_the_contract(sweep: SimpleNamespace) -> None:
+    """A CPU allocation failure in a training step: {"event": "oom"} and exit code 3."""
+    directory = cell_dir(sweep.out, sweep.by_kind["oom"])
     events = [r for r in read_jsonl(directory / "throughput" / "metrics.jsonl") if "event" in r]
     assert events and events[0]["event"] == "oom"
     assert "exitcode  : 3" in (directory / "throughput-launcher.log").read_text()
