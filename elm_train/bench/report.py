@@ -199,7 +199,7 @@ def loss_section(rows: list[Row], target_loss: float | None, currency: str) -> l
              "Each cell trained on real data for its token budget; Loss/Token is the loss the "
              "budget removed divided by the tokens, Loss/$ = Loss/Token x tokens/s x 3600 / "
              f"price per hour, cost = budget tokens at the measured tokens/s ({currency}).", "",
-             "| model | batch | attention | strategy | GPUs | tokens | loss start | loss reached "
+             "| model | batch | attention | strategy | devices | tokens | loss start | loss reached "
              f"| cost ({currency}) | Loss/$ |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(trained, key=lambda r: r["loss_cost"]):
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['attention']} | {r['strategy']} | "
@@ -274,7 +274,8 @@ def render(rows: list[Row], figures: dict[str, str | None], target_loss: float |
              "## Best configuration per model size", "", *best_per_model(rows), "",
              "## The study's findings, checked", ""]
     for number, finding in enumerate(findings(rows), start=1):
-        lines.append(f"{number}. **{finding.claim}**: {finding.verdict}. {finding.evidence}.")
+        evidence = finding.evidence[:1].upper() + finding.evidence[1:]
+        lines.append(f"{number}. **{finding.claim}**: {finding.verdict}. {evidence}.")
     lines += ["", *loss_section(rows, target_loss, currency), "## Figures", ""]
     for figure in FIGURES:
         reason = figures.get(figure.file)
