@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from elm_train.bench.grid import load_grid
 from elm_train.bench.slurm import write_slurm
@@ -96,18 +97,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                               "--out", str(out), "--max-cpu-processes", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              preexec_fn=one_core)
-    launched = wait_for_file(out / "cells" / "cpu", "elm-tiny_b8_sdpa_ddp_1x1_*/throughput-launcher.log",
-                             bench, timeout=300)
-    direct_dir = root / "direct"
-    direct = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "1", "-m", "apps", "train",
-                             str(launched.parent / "throughput.yaml"), f"log.run_dir={direct_dir}"],
-                            capture_output=True, text=True, env=env, timeout=600,
-                            preexec_fn=one_core)
-    assert direct.returncode == 0, direct.stderr
-    os.sched_setaffinity(bench.pid, os.sched_getaffinity(0))  # the later cells get every core
-    stdout, stderr = bench.communicate(timeout=900)
-    assert bench.returncode == 0, stderr
+    try:
+        launched = wait_for_file(out / "cells" / "cpu", "elm-tiny_b8_sdpa_ddp_1x1_*/throughput-launcher.log",
+                                 bench, timeout=300)
+        direct_dir = root / "direct"
+        direct = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "1", "-m", "apps", "train",
+                                 str(launched.parent / "throughput.yaml"), f"log.run_dir={direct_dir}"],
+                                capture_output=True, text=True, env=env, timeout=600,
+                                preexec_fn=one_core)
+        assert direct.returncode == 0, direct.stderr
+        os.sched_setaffinity(bench.pid, os.sched_getaffinity(0))  # the later cells get every core
+        stdout, stderr = bench.communicate(timeout=900)
+        assert bench.returncode == 0, stderr
+    finally:
+        if bench.poll() is None:
+            bench.kill()
     rows = read_jsonl(out / "results.jsonl")
     by_kind = {("oom" if r["batch_size"] == 100_000 else r["strategy"]): r for r in rows}
     return SimpleNamespace(root=root, grid=grid, grid_path=grid_path, out=out, stdout=stdout,
@@ -141,7 +146,8 @@ def test_sweep_records_every_cell(sweep: SimpleNamespace) -> None:
     report = (sweep.out / "report.md").read_text()
     assert "3 cells: 2 measured, 1 out of memory, 0 failed" in report
     assert "![DDP vs FSDP by number of GPUs](fig3_strategies.png)" in report
-    assert (sweep.out / "fig3_strategies.png").is_file()
+    pixels = np.asarray(Image.open(sweep.out / "fig3_strategies.png").convert("RGB")).astype(int)
+    assert ((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum() > 100  # the plotted points
     assert "FlashAttention vs vanilla attention: not drawn" in report
 
 
