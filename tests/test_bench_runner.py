@@ -210,13 +210,18 @@ def test_loss_budget_measures_loss_per_dollar(sweep: SimpleNamespace) -> None:
 
 def test_bench_agrees_with_elm_train_logged_throughput(sweep: SimpleNamespace) -> None:
     """The first cell against `elm train` run directly with its configuration, at the same time,
-    on the same core, with the same process count (see the fixture): the median of the
-    engine's logged tokens/s after the warm-up steps."""
+    on the same core, with the same process count (see the fixture)."""
     row = sweep.by_kind["ddp"]
     steps = [r for r in read_jsonl(sweep.direct_dir / "metrics.jsonl") if "event" not in r]
     assert len(steps) == 65
-    direct = statistics.median(r["tokens_per_s"] for r in steps[5:])
-    assert row["tokens_per_s"] == pytest.approx(direct, rel=0.05), (row["tokens_per_s"], direct)
+    measured = steps[5:]
+    # elm train's logged throughput over the same steps: its logged tokens over its step times.
+    logged = (sum(r["tokens_per_s"] * r["step_time_s"] for r in measured)
+              / sum(r["step_time_s"] for r in measured))
+    assert row["tokens_per_s"] == pytest.approx(logged, rel=0.05), (row["tokens_per_s"], logged)
+    # The medians of the per-step throughput, robust to a slow step on a busy machine.
+    median = statistics.median(r["tokens_per_s"] for r in measured)
+    assert row["tokens_per_s_median"] == pytest.approx(median, rel=0.05)
 
 
 def test_rerun_skips_finished_cells_and_records_a_crash(sweep: SimpleNamespace) -> None:
