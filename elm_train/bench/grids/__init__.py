@@ -1,0 +1,1 @@
+"""Built-in `elm bench` grids (`--preset NAME` reads NAME.yaml here)."""
