@@ -4,7 +4,7 @@ Both run as subprocesses on the same input, interleaved (elm, mlx-lm, elm, mlx-l
 machine load hits both alike; peak resident memory comes from wait4's rusage of each process.
 Run it under flock so heavy jobs do not overlap:
 
-    flock /tmp/elm-heavy.lock python benchmarks/bench_convert_speed.py --workdir /tmp/bench-convert
+    python benchmarks/bench_convert_speed.py --workdir /tmp/bench-convert
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ same prompt with greedy decoding; each prints mlx-lm's statistics lines, which a
 The best round of each is compared. Also measured: the memory bandwidth this machine gives one
 process, and so the decode ceiling (weight bytes read per token / bandwidth).
 
-    flock /tmp/elm-heavy.lock python benchmarks/bench_generate.py --workdir /tmp/bench-generate
+    python benchmarks/bench_generate.py --workdir /tmp/bench-generate
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ resident set size of the longer process. Runs alternate (elm, mlx-lm, elm packed
 ROUNDS rounds and the best time of each is kept, so machine load hits all of them alike.
 Packing's gain is elm packed against elm unpacked, by the same method.
 
-    flock /tmp/elm-heavy.lock python benchmarks/bench_lora.py [--rounds 2] [--out FILE]
+    python benchmarks/bench_lora.py [--rounds 2] [--out FILE]
 """
 
 from __future__ import annotations

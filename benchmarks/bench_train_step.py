@@ -3,7 +3,7 @@
 The step is what `elm train` runs (the lm task's loss with z-loss, backward, gradient clipping,
 AdamW); its FLOPs are ModelSpec.flops_per_token (FACTS.md section 6). The ceiling is the best
 FLOP/s of a square fp32 torch matmul, measured in the same run, interleaved with the steps so
-that load from other processes hits both alike. Run it under `flock /tmp/elm-heavy.lock`.
+that load from other processes hits both alike. Run it one job at a time.
 
     python benchmarks/bench_train_step.py [--batch 2] [--seq-len 512] [--rounds 4] [--profile]
 """

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_elm
 from rich.console import Console
-from test_lora_support import make_quantized_model_dir, text_rows, write_jsonl
+from lora_support import make_quantized_model_dir, text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
 from elm_mlx.lora.fuse import fuse

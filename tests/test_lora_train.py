@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_lora_support import case_rows, greedy, make_quantized_model_dir, text_rows, write_jsonl
+from lora_support import case_rows, greedy, make_quantized_model_dir, text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
 from elm_mlx.lora.train import finetune
