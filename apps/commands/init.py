@@ -7,29 +7,14 @@ from pathlib import Path
 import typer
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.spec_file import read_spec_file
 
 
 def load_spec_argument(preset: str | None, spec_file: Path | None, vocab_size: int | None) -> ModelSpec:
     """A ModelSpec from --preset or --spec (a YAML/JSON file of ModelSpec or config.json keys)."""
     if (preset is None) == (spec_file is None):
         raise ElmError("give exactly one of --preset NAME or --spec FILE")
-    if preset is not None:
-        spec = ModelSpec.from_preset(preset)
-    else:
-        import yaml
-
-        if not spec_file.is_file():
-            raise ElmError(f"{spec_file}: not found")
-        try:
-            data = yaml.safe_load(spec_file.read_text())
-        except yaml.YAMLError as error:
-            raise ElmError(f"{spec_file}: not valid YAML ({error})") from None
-        if not isinstance(data, dict):
-            raise ElmError(f"{spec_file}: expected a mapping of spec keys")
-        try:
-            spec = ModelSpec.from_config(data)
-        except ElmError as error:
-            raise ElmError(f"{spec_file}: {error}") from None
+    spec = ModelSpec.from_preset(preset) if preset is not None else read_spec_file(spec_file)
     return spec.replace(vocab_size=vocab_size) if vocab_size else spec
 
 

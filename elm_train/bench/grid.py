@@ -31,6 +31,7 @@ import yaml
 
 from elm_spec import ElmError, ModelSpec
 from elm_spec.presets import PRESETS
+from elm_spec.spec_file import is_spec_file, spec_from_preset_or_file
 
 STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
 ATTENTION = ("eager", "sdpa", "flash")
@@ -147,27 +148,9 @@ class Grid:
         return yaml.dump({"sweeps": sweeps}, Dumper=SAFE_DUMPER, sort_keys=False)
 
 
-def is_spec_file(entry: str) -> bool:
-    return entry.endswith((".yaml", ".yml", ".json"))
-
-
 def load_model_spec(entry: str) -> ModelSpec:
     """A preset by name or a YAML/JSON file of spec (or config.json) keys."""
-    if not is_spec_file(entry):
-        return ModelSpec.from_preset(entry)
-    path = Path(entry)
-    if not path.is_file():
-        raise ElmError(f"{path}: spec file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ElmError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(data, dict):
-        raise ElmError(f"{path}: expected a mapping of spec keys")
-    try:
-        return ModelSpec.from_config(data)
-    except (ElmError, TypeError) as error:
-        raise ElmError(f"{path}: {error}") from None
+    return spec_from_preset_or_file(entry)
 
 
 # ----- reading ------------------------------------------------------------------------------

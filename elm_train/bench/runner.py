@@ -33,8 +33,9 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
+from elm_spec.spec_file import is_spec_file
 from elm_train.bench import cost
-from elm_train.bench.grid import Cell, Grid, is_spec_file
+from elm_train.bench.grid import Cell, Grid
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 
 from elm_spec import ElmError, ModelSpec
 from elm_spec.modeldir import CONFIG_FILE, copy_tokenizer_files, read_spec, write_json
+from elm_spec.spec_file import read_spec_file
 from elm_spec.tokenizer import SENTENCEPIECE_FILE
 from elm_train.config import Config
 from elm_train.data.format import INDEX_FILE, TokenData, read_index
@@ -23,7 +23,7 @@ def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
     if model.preset:
         spec = ModelSpec.from_preset(model.preset)
     elif model.spec:
-        spec = _read_spec_file(Path(model.spec))
+        spec = read_spec_file(model.spec)
     else:
         spec = read_spec(model.init_from)
     if model.vocab_size is not None:
@@ -34,25 +34,6 @@ def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
         raise ElmError(f"{data.directory / INDEX_FILE}: vocabulary of {data.vocab_size} tokens does "
                        f"not fit the model's vocab_size {spec.vocab_size}")
     return spec
-
-
-def _read_spec_file(path: Path) -> ModelSpec:
-    """A YAML or JSON file of spec keys (ModelSpec or config.json names)."""
-    import yaml
-
-    if not path.is_file():
-        raise ElmError(f"{path}: model.spec not found")
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        raise ElmError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ElmError(f"{path}: expected a mapping of spec keys")
-    try:
-        return ModelSpec.from_config(data)
-    except (ElmError, TypeError) as error:
-        raise ElmError(f"{path}: {error}") from None
 
 
 class LanguageModelTask:
