@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from elm_eval.backend import EvalModel, window_count
-from elm_eval.tasks import read_jsonl
 from elm_spec import ElmError
+from elm_spec.jsonl import read_jsonl_objects
 
 
 def read_documents(paths: Sequence[Path], text_key: str = "text") -> list[str]:
@@ -23,7 +23,7 @@ def read_documents(paths: Sequence[Path], text_key: str = "text") -> list[str]:
     documents: list[str] = []
     for path in paths:
         if path.suffix == ".jsonl":
-            for number, row in read_jsonl(path):
+            for number, row in read_jsonl_objects(path):
                 if text_key not in row:
                     raise ElmError(f"{path} line {number}: missing field {text_key!r} (--text-key)")
                 if not isinstance(row[text_key], str):

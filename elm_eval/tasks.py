@@ -10,7 +10,6 @@ deviation / sqrt(n).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 from elm_eval.backend import EvalModel
 from elm_spec import ElmError
+from elm_spec.jsonl import read_jsonl_objects
 from elm_spec.tokenizer import Tokenizer
 
 TARGET_DELIMITER = " "
@@ -153,35 +153,10 @@ def task_file(data_dir: Path, task: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; names the line that is not a JSON object."""
-    rows: list[tuple[int, dict[str, Any]]] = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as error:
-        raise ElmError(f"{path}: cannot be read ({error.strerror})") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ElmError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ElmError(f"{path} line {number}: expected a JSON object")
-            rows.append((number, row))
-    if not rows:
-        raise ElmError(f"{path}: no rows (the file is empty)")
-    return rows
-
-
 def read_task(path: Path, task: str, limit: int | None = None) -> list[Question]:
     reader = TASKS[task].reader
     questions = []
-    for number, row in read_jsonl(path, limit):
+    for number, row in read_jsonl_objects(path, limit):
         try:
             questions.append(reader(row))
         except RowError as error:

@@ -16,7 +16,6 @@ generation will.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from elm_spec import ElmError
+from elm_spec.jsonl import read_jsonl_objects
 
 SPLITS = ("train", "valid", "test")
 FORMATS = ("text", "completions", "chat")
@@ -79,25 +79,6 @@ class SplitData:
         if self.dropped:
             parts.append(f"{self.dropped} dropped (nothing to train on within --max-seq-length)")
         return ", ".join(parts)
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line; a malformed line is named."""
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ElmError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ElmError(f"{path}:{number}: expected a JSON object")
-            rows.append((number, row))
-    if not rows:
-        raise ElmError(f"{path}: no rows")
-    return rows
 
 
 def row_format(row: dict[str, Any]) -> str | None:
@@ -198,7 +179,7 @@ def _string(row: dict[str, Any], key: str, where: str) -> str:
 def load_split(path: Path, encoder: Encoder, max_seq_length: int) -> SplitData:
     """Read and tokenize one JSONL file; rows over `max_seq_length` tokens are truncated, and
     dropped when no training target is left within the limit."""
-    rows = read_jsonl(path)
+    rows = read_jsonl_objects(path)
     first_line, first = rows[0]
     fmt = row_format(first)
     if fmt is None:
