@@ -11,10 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from elm_spec import ElmError
 from elm_spec.vit import eval_transform, load_rgb, read_catlip_config
 from elm_train.catlip.modeldir import load_catlip_model
 from elm_train.catlip.synthetic import draw_shape, write_shapes_shards
 from elm_train.catlip.vocab import build_vocab
+from elm_train.config import load_config
+from elm_train.export import export_checkpoint
 from tests.conftest import run_elm
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -93,8 +96,7 @@ def test_clip_task_trains_and_exports_both_towers(shapes, tokenizer_dir, tmp_pat
     assert [r["step"] for r in steps if "event" not in r] == [1, 2]
     assert steps[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)
 
-    result = run_elm("export", str(shapes / "clip/ckpt"), str(tmp_path / "clip"), env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
+    export_checkpoint(shapes / "clip/ckpt", tmp_path / "clip")
     config_json = json.loads((tmp_path / "clip/config.json").read_text())
     assert config_json["model_type"] == "catlip_clip" and config_json["text"]["width"] == 32
     weights = load_file(tmp_path / "clip/model.safetensors")
@@ -103,7 +105,10 @@ def test_clip_task_trains_and_exports_both_towers(shapes, tokenizer_dir, tmp_pat
     assert not any("_checkpoint_wrapped_module" in name for name in weights)
 
 
-def test_unknown_catlip_data_key_is_named(shapes):
-    result = run_elm("train", str(write_config(shapes, "catlip")), "data.image_sise=16",
-                     "--print-config")
-    assert result.returncode == 1 and "data.image_sise" in result.stderr
+def test_catlip_data_keys_are_validated_by_name(shapes):
+    config = write_config(shapes, "catlip")
+    with pytest.raises(ElmError, match=r"unknown key 'data\.image_sise'"):
+        load_config(config, ["data.image_sise=16"])
+    with pytest.raises(ElmError, match=r"data\.mean: expected a list of 3"):
+        load_config(config, ["data.mean=[0.5, 0.5]"])
+    assert load_config(config).task_data.crop_scale == (0.6, 1.0)
