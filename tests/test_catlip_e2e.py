@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,8 @@ from elm_train.catlip.synthetic import draw_shape, write_shapes_shards
 from elm_train.catlip.vocab import build_vocab
 from elm_train.config import load_config
 from elm_train.export import export_checkpoint
-from tests.conftest import run_elm
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+from tests.conftest import REPO, run_elm
+from tests.test_train_fixtures import THREAD_ENV, TORCHRUN
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def write_config(root: Path, task: str, **extra: str) -> Path:
 
 def test_train_export_convert_classify(shapes, tmp_path):
     config = write_config(shapes, "catlip")
-    trained = run_elm("train", str(config), env=ONE_THREAD)
+    trained = run_elm("train", str(config), env=THREAD_ENV)
     assert trained.returncode == 0, trained.stderr
     records = [json.loads(line) for line in (shapes / "catlip/run/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]
@@ -60,7 +61,7 @@ def test_train_export_convert_classify(shapes, tmp_path):
     assert records[-1]["event"] == "end" and records[-1]["valid_loss"] > 0
 
     exported = tmp_path / "model"
-    result = run_elm("export", str(shapes / "catlip/ckpt"), str(exported), env=ONE_THREAD)
+    result = run_elm("export", str(shapes / "catlip/ckpt"), str(exported), env=THREAD_ENV)
     assert result.returncode == 0, result.stderr
     model, catlip = load_catlip_model(exported)
     assert catlip.vit.image_size == 16 and catlip.vit.num_layers == 2
@@ -85,15 +86,20 @@ def test_train_export_convert_classify(shapes, tmp_path):
     assert [float(line[2]) for line in lines] == pytest.approx(scores[top].tolist(), abs=1e-4)
 
 
-def test_clip_task_trains_and_exports_both_towers(shapes, tokenizer_dir, tmp_path):
+def test_clip_task_trains_under_fsdp_and_exports_both_towers(shapes, tokenizer_dir, tmp_path):
+    """Two gloo processes shard both towers' blocks (and the 1-element logit scale)."""
     config = write_config(shapes, "clip")
-    trained = run_elm("train", str(config), "train.max_steps=2", "data.context_length=12",
-                      f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}",
-                      "model.text={width: 32, num_layers: 1, num_heads: 2, projection_dim: 16}",
-                      env=ONE_THREAD)
+    trained = subprocess.run(
+        [*TORCHRUN, "-m", "apps", "train", str(config), "train.max_steps=2",
+         "parallel.strategy=fsdp", "data.context_length=12",
+         f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}",
+         "model.text={width: 32, num_layers: 1, num_heads: 2, projection_dim: 16}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **THREAD_ENV})
     assert trained.returncode == 0, trained.stderr
     steps = [json.loads(line) for line in (shapes / "clip/run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "event" not in r] == [1, 2]
+    assert steps[0]["world_size"] == 2
     assert steps[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)
 
     export_checkpoint(shapes / "clip/ckpt", tmp_path / "clip")
