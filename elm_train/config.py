@@ -37,6 +37,8 @@ class ModelConfig:
     # tokenizer.model (or a directory holding one) carried into checkpoints and exports;
     # by default the one in data.path or init_from.
     tokenizer: str | None = None
+    # task: clip only: the text tower's shape (keys of elm_train.catlip.clip.TextSpec).
+    text: dict[str, Any] | None = None
 
 
 @dataclass
@@ -294,6 +296,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ElmError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, key) for v in value]
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ElmError(f"{key}: expected a list, got {value!r}")
+        if items[-1] is Ellipsis:
+            items = (items[0],) * len(value)
+        if len(value) != len(items):
+            raise ElmError(f"{key}: expected a list of {len(items)}, got {value!r}")
+        return tuple(_coerce(v, item, key) for v, item in zip(value, items, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ElmError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value

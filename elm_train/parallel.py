@@ -86,20 +86,26 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated blocks a model exposes as `layers` (OpenELM, and vision towers alike)."""
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a model exposes as `layers`: a ModuleList (OpenELM, a ViT) or a list of
+    blocks held elsewhere in the model (both towers of CLIP)."""
     layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ElmError(f"{type(model).__name__} exposes no `layers` ModuleList to wrap per block")
-    return layers
+    if not isinstance(layers, (nn.ModuleList, list, tuple)) or not all(
+            isinstance(block, nn.Module) for block in layers):
+        raise ElmError(f"{type(model).__name__} exposes no `layers` list of blocks to wrap per block")
+    return list(layers)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap each block where the model holds it, so `layers` then yields the wrapped blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as wrap_matching,
+    )
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    blocks = transformer_blocks(model)
-    for index, block in enumerate(blocks):
-        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+    blocks = {id(block) for block in transformer_blocks(model)}
+    wrap_matching(model, checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(
+        block, preserve_rng_state=False), check_fn=lambda module: id(module) in blocks)
 
 
 def apply_compile(model: nn.Module) -> None:

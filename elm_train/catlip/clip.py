@@ -67,7 +67,8 @@ class CLIP(nn.Module):
         self.text_encoder = TextTransformer(text)
         self.image_projection = nn.Linear(vit.embed_dim, text.projection_dim, bias=False)
         self.text_projection = nn.Linear(text.width, text.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape [1], not a scalar: FSDP2 cannot shard 0-d parameters
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -78,7 +79,7 @@ class CLIP(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image_features = F.normalize(self.image_projection(self.image_encoder.features(images)), dim=-1)
         text_features = F.normalize(self.text_projection(self.text_encoder(text)), dim=-1)
-        return image_features, text_features, self.logit_scale.clamp(max=math.log(100)).exp()
+        return image_features, text_features, self.logit_scale.clamp(max=math.log(100)).exp()[0]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -160,7 +160,7 @@ class ShardedBatchLoader:
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
 
     @property
-    def steps_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> int:
         return len(self.dataset) // self.global_batch
 
     def _index_batches(self) -> list[list[int]]:
@@ -172,7 +172,7 @@ class ShardedBatchLoader:
         start = self.rank * self.batch_size
         return [order[k * self.global_batch + start: k * self.global_batch + start
                       + self.batch_size].tolist()
-                for k in range(self.step, self.steps_per_epoch)]
+                for k in range(self.step, self.batches_per_epoch)]
 
     def _start(self) -> None:
         self.dataset.epoch = self.epoch

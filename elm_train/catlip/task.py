@@ -75,6 +75,10 @@ class CatLIPData:
             raise ElmError("data.train is required: tar shards, CSV or JSONL files, or directories")
         return data
 
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        return {"train": self.train, "valid": self.valid}
+
 
 def _section(config: Any, name: str) -> Mapping[str, Any]:
     section = getattr(config, name, None)
@@ -109,11 +113,15 @@ def vit_spec_from_model_config(model: Mapping[str, Any], image_size: int, num_cl
 class CatLIPTask:
     """Multi-label classification over the caption synsets; BCE summed / batch size."""
 
-    data_config_class = CatLIPData
+    data_config = CatLIPData
+    item_name = "images"
 
     def __init__(self, config: Any):
         self.config = config
-        self.data = CatLIPData.from_mapping(_section(config, "data"))
+        # `elm train` keeps its own data keys (seed) in config.data and validates the rest into
+        # config.task_data; a plain mapping under `data` holds them all.
+        self.data = CatLIPData.from_mapping({**_section(config, "task_data"),
+                                             **_section(config, "data")})
         self.model_config = _section(config, "model")
         train = _section(config, "train")
         self.micro_batch_size = int(train.get("micro_batch_size") or 32)
@@ -167,7 +175,7 @@ class CatLIPTask:
         images, device = model_inputs(model, batch)
         logits = model(images)
         loss = catlip_loss(logits, batch["labels"].to(device))
-        return loss, {"skipped_images": float(batch["skipped_images"])}
+        return loss, {"loss": loss.detach(), "skipped_images": float(batch["skipped_images"])}
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["images"].shape[0])
@@ -227,7 +235,7 @@ class CLIPTask(CatLIPTask):
         images, device = model_inputs(model, batch)
         image_features, text_features, scale = model(images, batch["text"].to(device))
         loss = contrastive_loss(image_features, text_features, scale)
-        return loss, {"skipped_images": float(batch["skipped_images"]),
+        return loss, {"loss": loss.detach(), "skipped_images": float(batch["skipped_images"]),
                       "logit_scale": float(scale.detach())}
 
     def export(self, model_state: Mapping[str, torch.Tensor], destination: str | Path,
