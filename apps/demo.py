@@ -28,7 +28,7 @@ EVAL_BATCHES = 16
 class DemoOptions:
     output: Path
     corpus: Path | None = None
-    steps: int = 500
+    steps: int = 350
     vocab_size: int = 1024
     seq_len: int = 256
     micro_batch_size: int = 4
@@ -40,6 +40,7 @@ class DemoOptions:
     seed: int = 0
     max_corpus_bytes: int = 8_000_000
     force: bool = False
+    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS if set, else every core
 
 
 @dataclass
@@ -159,7 +160,9 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
         import torch
 
-        if "OMP_NUM_THREADS" not in os.environ:  # torch counts physical cores; use every one
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        elif "OMP_NUM_THREADS" not in os.environ:  # torch counts physical cores; use every one
             torch.set_num_threads(default_workers())
         on_gpu = torch.cuda.is_available()
         config = load_config(data={
@@ -175,7 +178,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             "log": {"run_dir": str(staging / "run"), "every": 10},
         })
         say(f"training {options.preset} for {options.steps} steps of "
-            f"{options.micro_batch_size} x {options.seq_len} tokens on {'cuda' if on_gpu else 'cpu'}")
+            f"{options.micro_batch_size} x {options.seq_len} tokens on "
+            f"{'cuda' if on_gpu else f'cpu, torch threads: {torch.get_num_threads()}'}")
         trained = train(config)
         result.valid_loss = trained.valid_loss if trained.valid_loss is not None else math.nan
         lap("train")
