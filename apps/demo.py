@@ -8,6 +8,7 @@ engine, exported to a model directory, converted to MLX, and sampled from with m
 from __future__ import annotations
 
 import math
+import os
 import sysconfig
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ EVAL_BATCHES = 16
 class DemoOptions:
     output: Path
     corpus: Path | None = None
-    steps: int = 500
+    steps: int = 350
     vocab_size: int = 1024
     seq_len: int = 256
     micro_batch_size: int = 4
@@ -39,6 +40,7 @@ class DemoOptions:
     seed: int = 0
     max_corpus_bytes: int = 8_000_000
     force: bool = False
+    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS if set, else every core
 
 
 @dataclass
@@ -51,8 +53,11 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def corpus_texts(corpus: Path | None, max_bytes: int) -> list[str]:
-    """Documents of the corpus: one per file, in sorted path order, up to MAX_BYTES in all."""
+def corpus_files(corpus: Path | None, max_bytes: int) -> tuple[list[Path], bool]:
+    """The corpus files (sorted, up to MAX_BYTES in all) and whether their lines are the documents.
+
+    A directory or the default corpus gives one document per file; a single file, one per line.
+    """
     if corpus is None:
         files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
         origin = "the Python standard library"
@@ -64,53 +69,20 @@ def corpus_texts(corpus: Path | None, max_bytes: int) -> list[str]:
         origin = str(corpus)
     else:
         raise ElmError(f"{corpus}: --corpus not found")
-    texts, total = [], 0
+    chosen, total = [], 0
     for file in files:
-        text = file.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
+        size = file.stat().st_size
+        if size == 0:
             continue
-        texts.append(text)
-        total += len(text)
+        chosen.append(file)
+        total += size
         if total >= max_bytes:
             break
-    if corpus is not None and corpus.is_file():
-        # One file: its paragraphs are the documents.
-        texts = [t for t in texts[0].split("\n\n") if t.strip()]
-    if len(texts) < 2 or total < 20_000:
-        raise ElmError(f"{origin}: corpus too small ({total} characters in {len(texts)} documents; "
-                       "the demo needs at least 20,000 characters in 2 documents)")
-    return texts
-
-
-def write_token_shards(texts: list[str], tokenizer_dir: Path, data_dir: Path,
-                       held_out_fraction: float = HELD_OUT_FRACTION, shards: int = 1) -> Path:
-    """Tokenize TEXTS (EOS after each) into train shards and a held-out split of whole documents."""
-    from elm_spec.tokenizer import SENTENCEPIECE_FILE, Tokenizer, write_tokenizer_files
-    from elm_train.data.format import Shard, shard_name, token_dtype, write_index
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(tokenizer_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    ids = [np.asarray([*doc, tokenizer.eos_id], dtype=dtype)
-           for doc in tokenizer.encode_batch(texts)]
-    held_out = max(1, round(len(ids) * held_out_fraction))
-    # Every k-th document is held out, so both splits sample the whole corpus.
-    stride = max(1, len(ids) // held_out)
-    valid_index = set(range(stride - 1, len(ids), stride)[:held_out])
-    train_ids = [d for i, d in enumerate(ids) if i not in valid_index]
-    valid_ids = [d for i, d in enumerate(ids) if i in valid_index]
-    splits: dict[str, list[Shard]] = {"train": [], "valid": []}
-    for split, documents, count in (("train", train_ids, shards), ("valid", valid_ids, 1)):
-        for number, part in enumerate(np.array_split(np.arange(len(documents)), count)):
-            stream = np.concatenate([documents[i] for i in part])
-            path = data_dir / shard_name(split, number)
-            stream.tofile(path)
-            splits[split].append(Shard(path, len(stream)))
-    stats = {"documents": len(ids), "train_tokens": sum(s.tokens for s in splits["train"]),
-             "valid_tokens": sum(s.tokens for s in splits["valid"])}
-    write_index(data_dir, dtype, tokenizer.vocab_size, tokenizer.eos_id, splits, stats)
-    write_tokenizer_files(Path(tokenizer_dir) / SENTENCEPIECE_FILE, data_dir)
-    return data_dir
+    per_line = corpus is not None and corpus.is_file()
+    if total < 20_000 or (len(chosen) < 2 and not per_line):
+        raise ElmError(f"{origin}: corpus too small ({total} bytes in {len(chosen)} files; "
+                       "the demo needs at least 20,000 bytes in 2 files, or one file of lines)")
+    return chosen, per_line
 
 
 def unigram_entropy(data_dir: Path) -> float:
@@ -144,23 +116,13 @@ def mlx_held_out_loss(model, data_dir: Path, seq_len: int, micro_batch_size: int
     return float(np.mean(losses))
 
 
-def to_mlx(model_dir: Path, destination: Path) -> Path:
-    """The MLX model directory: converted by `convert` when installed; the exported model
-    directory is already in the layout MLX loads, so without it that directory is used as is."""
-    import importlib.util
-
-    if importlib.util.find_spec("convert") is None:
-        return model_dir
-    from convert import ConvertOptions, convert
-
-    convert(model_dir, destination, ConvertOptions(target="mlx", progress=False, force=True))
-    return destination
-
-
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
+    from convert import ConvertOptions, convert
     from elm_spec.modeldir import atomic_output_dir
     from elm_spec.tokenizer import train_tokenizer
     from elm_train.config import load_config
+    from elm_train.data.prepare import PrepareOptions, default_workers, prepare_data
+    from elm_train.data.sources import ReadOptions, expand_sources, iter_texts
     from elm_train.export import export_checkpoint
     from elm_train.plot import plot_run
     from elm_train.trainer import train
@@ -175,13 +137,22 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         clock = now
 
     with atomic_output_dir(options.output, force=options.force) as staging:
-        texts = corpus_texts(options.corpus, options.max_corpus_bytes)
-        say(f"corpus: {len(texts)} documents, {sum(map(len, texts)):,} characters "
-            f"({options.corpus or 'Python standard library sources'})")
-        train_tokenizer(iter(texts), options.vocab_size, staging / "tokenizer",
-                        input_sentence_size=200_000)
+        files, per_line = corpus_files(options.corpus, options.max_corpus_bytes)
+        read_options = ReadOptions(text_per_line=per_line)
+        sources = expand_sources(files, "txt")
+        train_tokenizer(iter_texts(sources, read_options), options.vocab_size,
+                        staging / "tokenizer", input_sentence_size=200_000)
         lap("tokenizer")
-        write_token_shards(texts, staging / "tokenizer", staging / "data")
+        stats = prepare_data(files, staging / "tokenizer", staging / "data", PrepareOptions(
+            text_per_line=per_line, source_format="txt", min_chars=0, min_tokens=0,
+            valid_fraction=HELD_OUT_FRACTION, seed=options.seed), show_progress=False)
+        documents, origin = stats["documents"], options.corpus or "Python standard library sources"
+        say(f"corpus: {len(files)} files ({origin}), "
+            f"{stats['source_bytes']:,} bytes; {documents['train']} documents for training, "
+            f"{documents['valid']} held out")
+        if documents["valid"] == 0:
+            raise ElmError(f"{origin}: none of its {documents['train']} documents fell in "
+                           f"the {HELD_OUT_FRACTION:.0%} held-out split; give a larger corpus")
         result.unigram_entropy = unigram_entropy(staging / "data")
         lap("tokens")
         say(f"tokenizer: {options.vocab_size} pieces; unigram entropy of the corpus "
@@ -189,6 +160,10 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
         import torch
 
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        elif "OMP_NUM_THREADS" not in os.environ:  # torch counts physical cores; use every one
+            torch.set_num_threads(default_workers())
         on_gpu = torch.cuda.is_available()
         config = load_config(data={
             "model": {"preset": options.preset},
@@ -203,12 +178,14 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             "log": {"run_dir": str(staging / "run"), "every": 10},
         })
         say(f"training {options.preset} for {options.steps} steps of "
-            f"{options.micro_batch_size} x {options.seq_len} tokens on {'cuda' if on_gpu else 'cpu'}")
+            f"{options.micro_batch_size} x {options.seq_len} tokens on "
+            f"{'cuda' if on_gpu else f'cpu, torch threads: {torch.get_num_threads()}'}")
         trained = train(config)
         result.valid_loss = trained.valid_loss if trained.valid_loss is not None else math.nan
         lap("train")
         export_checkpoint(trained.checkpoint, staging / "model")
-        mlx_dir = to_mlx(staging / "model", staging / "mlx")
+        convert(staging / "model", staging / "mlx",
+                ConvertOptions(target="mlx", verify=True, progress=False))
         plot_run(staging / "run", staging / "curves.png",
                  title=f"elm demo: {options.preset}, {options.steps} steps")
         lap("export")
@@ -217,7 +194,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     relocated = {name: final / path.relative_to(staging) for name, path in {
         "tokenizer": staging / "tokenizer", "data": staging / "data",
         "run": staging / "run", "metrics": staging / "run" / "metrics.jsonl",
-        "checkpoints": staging / "checkpoints", "model": staging / "model", "mlx": mlx_dir,
+        "checkpoints": staging / "checkpoints", "model": staging / "model",
+        "mlx": staging / "mlx",
         "plot": staging / "curves.png"}.items()}
     result.paths = relocated
 

@@ -4,12 +4,14 @@ Kinds (detected from SRC, or named with `--from`):
 - `hf`: a model directory (HF apple/OpenELM layout: safetensors, sharded safetensors or
   `pytorch_model.bin`), which is also the MLX layout: quantized tensors are dequantized on read;
 - `corenet`: a CoreNet `.pt` flat state dict, shaped by `--corenet-config` or `--preset`;
-- `checkpoint`: an elm training checkpoint (torch.distributed.checkpoint directory).
+- `checkpoint`: an elm training checkpoint (torch.distributed.checkpoint directory): a `step-N`
+  directory, or a run's checkpoint directory, read at its newest complete step.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ SOURCE_KINDS = ("hf", "mlx", "corenet", "checkpoint")
 TORCH_BIN_FILE = "pytorch_model.bin"
 DCP_METADATA_FILE = ".metadata"
 DCP_MODEL_KEY = "model."
+# step-N directories (and step-N.tmp writes in progress) of a training run's checkpoint directory
+STEP_DIR_PATTERN = re.compile(r"^step-\d+(\.tmp)?$")
 
 
 @dataclass
@@ -73,7 +77,7 @@ def detect_kind(path: Path) -> str:
         return "corenet"
     if not path.is_dir():
         raise ElmError(f"{path}: not found")
-    if dcp_directory(path) is not None:
+    if dcp_directory(path) is not None or holds_checkpoint_steps(path):
         return "checkpoint"
     if (path / CONFIG_FILE).is_file():
         return "mlx" if read_config(path).get("quantization") else "hf"
@@ -246,6 +250,11 @@ def dcp_directory(path: Path) -> Path | None:
     return None
 
 
+def holds_checkpoint_steps(path: Path) -> bool:
+    """Whether PATH is a training run's checkpoint directory (it holds step-N directories)."""
+    return any(STEP_DIR_PATTERN.match(child.name) and child.is_dir() for child in path.iterdir())
+
+
 def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     """Reads tensors one at a time with `dcp.load` on a single process (no process group):
     memory stays at one tensor, where `dcp_to_torch_save` would hold the whole model."""
@@ -253,6 +262,10 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if dcp_directory(path) is None and path.is_dir() and holds_checkpoint_steps(path):
+        from elm_train.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(path)  # the newest complete step, or one clear error
     directory = dcp_directory(path)
     if directory is None:
         raise ElmError(f"{path}: no {DCP_METADATA_FILE} (not a torch.distributed.checkpoint directory)")

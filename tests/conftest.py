@@ -16,10 +16,13 @@ from elm_spec import ModelSpec
 REPO = Path(__file__).resolve().parent.parent
 
 
-def stdlib_texts(limit: int = 80) -> list[str]:
+def stdlib_files(limit: int = 80) -> list[Path]:
     """Source files of the installed Python standard library: a corpus every machine has."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
+
+
+def stdlib_texts(limit: int = 80) -> list[str]:
+    return [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files(limit)]
 
 
 @pytest.fixture(scope="session")

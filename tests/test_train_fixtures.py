@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, stdlib_texts
+from tests.conftest import REPO, stdlib_files
 
 # One thread per process: the tests run several processes on two cores.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -20,10 +20,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.fixture(scope="session", name="token_data")
 def token_data_fixture(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    from apps.demo import write_token_shards
+    """12 standard library files as documents, the train split in several shards, some held out."""
+    from elm_train.data.prepare import PrepareOptions, prepare_data
 
-    return write_token_shards(stdlib_texts(12), tokenizer_dir, tmp_path_factory.mktemp("tokens"),
-                              held_out_fraction=0.1, shards=2)
+    output = tmp_path_factory.mktemp("tokens") / "data"
+    stats = prepare_data(stdlib_files(12), tokenizer_dir, output, PrepareOptions(
+        source_format="txt", min_chars=0, min_tokens=0, valid_fraction=0.1, seed=2,
+        shard_tokens=100_000, workers=1), show_progress=False)
+    assert stats["documents"]["valid"] > 0
+    return output
 
 
 def train_in_process(config: Path, *overrides: str):
