@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from apps import commands
+from apps import commands, process
 from elm_spec.errors import ElmError
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ def _reexec_with_openblas() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
+        process.is_program = True
         _reexec_with_openblas()
     try:
         app(args=argv, prog_name="elm", standalone_mode=True)

@@ -8,7 +8,9 @@ length into the same batches and pad them the same way, and an epoch visits each
 Timing excludes start-up, loading, compilation and validation by difference: each tool runs
 1 epoch and 2 epochs, and (time(2) - time(1)) covers exactly one epoch of identical batches.
 tokens/s = trained target tokens of one epoch / that difference. Peak memory is the peak
-resident set size of the longer process. Runs alternate (elm, mlx-lm, elm packed, ...) for
+resident set size of the longer process (everything the process holds: libraries, model,
+activations, allocator slack); MLX's allocator peak of the same process is reported beside it
+(the arrays alone: model, activations, gradients, optimizer state). Runs alternate (elm, mlx-lm, elm packed, ...) for
 ROUNDS rounds and the best time of each is kept, so machine load hits all of them alike.
 Packing's gain is elm packed against elm unpacked, by the same method.
 
@@ -91,6 +93,21 @@ def epoch_facts(model: Path, data: Path) -> dict[str, int]:
     return facts
 
 
+# Runs a tool's command line and reports MLX's allocator peak over the whole process on stderr
+# (elm resets the peak after its first validation for its progress bar; disabled here so both
+# tools are measured the same way).
+PEAK_WRAPPER = """
+import runpy, sys
+import mlx.core as mx
+mx.reset_peak_memory = lambda: None
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print(f"MLX_PEAK {mx.get_peak_memory()}", file=sys.stderr)
+"""
+
+
 def command(tool: str, model: Path, data: Path, out: Path, iters: int) -> list[str]:
     common = ["--model", str(model), "--data", str(data), "--adapter-path", str(out),
               "--iters", str(iters), "--batch-size", str(BATCH_SIZE),
@@ -98,21 +115,25 @@ def command(tool: str, model: Path, data: Path, out: Path, iters: int) -> list[s
               "--steps-per-report", "1000", "--steps-per-eval", "100000", "--val-batches", "1",
               "--save-every", "100000", "--seed", "0"]
     if tool == "mlx-lm":
-        return [sys.executable, "-m", "mlx_lm", "lora", "--train", "--num-layers", "-1", *common]
+        return [sys.executable, "-c", PEAK_WRAPPER, "mlx_lm", "lora", "--train",
+                "--num-layers", "-1", *common]
     packing = "--pack" if tool == "elm-packed" else "--no-pack"
-    return [sys.executable, "-m", "apps", "finetune", "--lora", "--rank", "8", "--alpha", "160",
-            "--lr-schedule", "constant", "--weight-decay", "0", packing, *common]
+    return [sys.executable, "-c", PEAK_WRAPPER, "apps", "finetune", "--lora", "--rank", "8",
+            "--alpha", "160", "--lr-schedule", "constant", "--weight-decay", "0", packing,
+            *common]
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one process."""
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GB) and MLX's allocator peak (GB) of one process."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}\n{process.stderr.read().decode()[-2000:]}")
-    return elapsed, usage.ru_maxrss * 1024 / 1e9
+        raise SystemExit(f"failed: {' '.join(argv)}\n{stderr[-2000:]}")
+    mlx_peak = int(stderr.rsplit("MLX_PEAK ", 1)[1].split()[0])
+    return elapsed, usage.ru_maxrss * 1024 / 1e9, mlx_peak / 1e9
 
 
 def main() -> None:
@@ -131,17 +152,20 @@ def main() -> None:
         tools = ("elm", "mlx-lm", "elm-packed")
         epochs = {"elm": facts["batches"], "mlx-lm": facts["batches"],
                   "elm-packed": facts["batches_packed"]}
-        best: dict[str, dict[str, float]] = {t: {"short": 1e9, "long": 1e9, "rss": 0.0} for t in tools}
+        best: dict[str, dict[str, float]] = {
+            t: {"short": 1e9, "long": 1e9, "rss": 0.0, "mlx_peak": 0.0} for t in tools}
         for round_index in range(args.rounds):
             for tool in tools:
                 for length, iters in (("short", epochs[tool]), ("long", 2 * epochs[tool])):
                     out = root / f"out-{tool}-{length}-{round_index}"
-                    seconds, rss = timed(command(tool, model, data, out, iters), env)
+                    seconds, rss, mlx_peak = timed(command(tool, model, data, out, iters), env)
                     best[tool][length] = min(best[tool][length], seconds)
                     if length == "long":
                         best[tool]["rss"] = max(best[tool]["rss"], rss)
+                        best[tool]["mlx_peak"] = max(best[tool]["mlx_peak"], mlx_peak)
                     print(f"round {round_index + 1} {tool:10s} {length:5s} {iters:4d} iters "
-                          f"{seconds:7.2f} s  peak RSS {rss:.3f} GB", flush=True)
+                          f"{seconds:7.2f} s  peak RSS {rss:.3f} GB  MLX peak {mlx_peak:.3f} GB",
+                          flush=True)
     results = {"preset": PRESET, "batch_size": BATCH_SIZE, "max_seq_length": MAX_SEQ_LENGTH,
                "rounds": args.rounds, **facts, "tools": {}}
     for tool in tools:
@@ -149,10 +173,12 @@ def main() -> None:
         covered = facts["covered_packed" if tool == "elm-packed" else "covered"]
         results["tools"][tool] = {"epoch_seconds": delta,
                                   "tokens_per_second": covered / delta,
-                                  "peak_rss_gb": best[tool]["rss"]}
+                                  "peak_rss_gb": best[tool]["rss"],
+                                  "mlx_peak_gb": best[tool]["mlx_peak"]}
     elm, peer, packed = (results["tools"][t] for t in tools)
     results["tokens_per_second_ratio"] = elm["tokens_per_second"] / peer["tokens_per_second"]
     results["peak_memory_ratio"] = elm["peak_rss_gb"] / peer["peak_rss_gb"]
+    results["mlx_peak_ratio"] = elm["mlx_peak_gb"] / peer["mlx_peak_gb"]
     results["packing_gain"] = packed["tokens_per_second"] / elm["tokens_per_second"]
     print(json.dumps(results, indent=2))
     if args.out:

@@ -1,10 +1,9 @@
 """`elm` as an lm-eval-harness model: `--model elm --model_args pretrained=DIR,backend=mlx`.
 
-Importing this module registers the model with lm-eval. lm-eval 0.4's registry does not read
-package entry points, so `elm eval harness ...` (lm-eval's own command line with this module
-imported first) and `import elm_eval.harness` before `lm_eval.simple_evaluate(model="elm")`
-are the ways in; the `lm_eval.models` entry point in pyproject names the class for
-harness versions and tools that discover models that way.
+The `lm_eval.models` entry point in pyproject names this class; lm-eval 0.4 does not read
+that group, so the installed `elm-lm-eval.pth` (`_elm_lm_eval.py`) registers it when lm-eval
+loads its models, and a bare `lm_eval --model elm` works. Importing this module also
+registers the model (as `elm eval harness` does, which works without the install).
 
 model_args: pretrained (model directory, required), backend (torch or mlx), adapter_path (mlx),
 dtype, max_length (default: the model's context), add_bos_token (default True: OpenELM's

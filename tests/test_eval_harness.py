@@ -139,3 +139,33 @@ def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, 
         expected = ours.tokenizer.decode(tokens)
         cuts = [expected.find(stop) for stop in ("\n", "(") if stop in expected]
         assert row["resps"][0][0] == (expected[: min(cuts)] if cuts else expected)
+
+
+def test_bare_lm_eval_command_finds_the_elm_model(harness_setup, tmp_path):
+    """`lm_eval --model elm` in a fresh interpreter: the installed .pth registers the
+    `lm_eval.models` entry point, with nothing of elm imported by hand."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    pth = Path(sysconfig.get_paths()["purelib"]) / "elm-lm-eval.pth"
+    assert pth.is_file(), f"{pth} missing: elm is not installed here (pip install -e .)"
+    model_dir, _, yamls, texts, _ = harness_setup
+    rolling_only = tmp_path / "yaml"
+    rolling_only.mkdir()
+    (rolling_only / "rolling.yaml").write_text((yamls / "rolling.yaml").read_text())
+    output = tmp_path / "out"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONPATH", None)  # the installed package, as a user has it
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "elm", "--model_args",
+         f"pretrained={model_dir},backend=mlx", "--tasks", "local_rolling",
+         "--include_path", str(rolling_only), "--output_path", str(output)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (results_file,) = output.rglob("results_*.json")
+    got = json.loads(results_file.read_text())["results"]["local_rolling"]["bits_per_byte,none"]
+    expected = evaluate_perplexity(load_eval_model(model_dir, backend="mlx"),
+                                   read_documents([texts]))["bits_per_byte"]
+    assert got == pytest.approx(expected, rel=1e-5)

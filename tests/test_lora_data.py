@@ -176,3 +176,49 @@ def test_config_file_mirrors_flags_and_rejects_unknown_keys(tmp_path: Path):
     config.write_text("model: m\ndata: d\nlearning_rat: 0.1\n")
     with pytest.raises(ElmError, match=r"lora.yaml: unknown key 'learning_rat'"):
         build_config(config, {})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_and_gradients_equal_the_full_logits_computation(make_model_dir, tied):
+    """The loss projects LOSS_CHUNK_TOKENS positions at a time under a checkpoint; value and
+    gradients (LoRA weights, and every weight including the head when all are trainable) must
+    equal cross-entropy over the whole logits tensor."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    import elm_mlx
+    from elm_mlx.lora.adapters import apply_fine_tune
+    from elm_mlx.lora.config import FinetuneConfig
+    from elm_mlx.lora.train import LOSS_CHUNK_TOKENS, batch_loss
+    from elm_spec import ModelSpec
+
+    spec = ModelSpec.from_preset("elm-tiny", share_input_output_layers=tied)
+    directory = make_model_dir(spec, seed=5)
+    rng = np.random.default_rng(0)
+    batch, length = 3, 2 * LOSS_CHUNK_TOKENS // 3 + 7  # chunks straddle rows, last one short
+    inputs = mx.array(rng.integers(0, spec.vocab_size, (batch, length)))
+    targets = mx.array(rng.integers(0, spec.vocab_size, (batch, length)))
+    weights = mx.array((rng.random((batch, length)) > 0.2).astype(np.float32))
+
+    def reference(model, inputs, targets, weights, segments):
+        losses = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets) * weights
+        return losses.sum() / weights.sum(), weights.sum()
+
+    for unfreeze_all in (False, True):
+        model, _ = elm_mlx.load(directory)
+        apply_fine_tune(model, FinetuneConfig(model=str(directory), rank=4, scale=2.0))
+        if unfreeze_all:
+            model.unfreeze()
+        grads = {}
+        for name, loss_fn in (("chunked", batch_loss), ("reference", reference)):
+            (loss, _), grad = nn.value_and_grad(model, loss_fn)(model, inputs, targets,
+                                                                      weights, None)
+            grads[name] = (loss.item(), dict(tree_flatten(grad)))
+        assert grads["chunked"][0] == pytest.approx(grads["reference"][0], rel=1e-5)
+        got, expected = grads["chunked"][1], grads["reference"][1]
+        assert got.keys() == expected.keys() and len(got) > 0
+        head = "transformer.token_embeddings.weight" if tied else "lm_head.weight"
+        assert (head in got) == unfreeze_all
+        for key, value in expected.items():
+            np.testing.assert_allclose(np.array(got[key]), np.array(value), atol=1e-5, rtol=1e-4,
+                                       err_msg=key)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from apps.process import keep_torch_out
 from elm_spec import ElmError
 
 eval_app = typer.Typer(help="Evaluate a model: perplexity, zero-shot tasks, lm-eval-harness.",
@@ -42,8 +43,11 @@ def progress_bar() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
 
 def _load(model: Path, backend: str | None, adapter_path: Path | None, batch_size: int,
           context_length: int | None, dtype: str | None, device: str | None):
-    from elm_eval.backend import load_eval_model
+    from elm_eval.backend import default_backend, load_eval_model
 
+    backend = backend or default_backend()
+    if backend == "mlx":
+        keep_torch_out()
     return load_eval_model(model, backend=backend, adapter_path=adapter_path,
                            batch_size=batch_size, max_length=context_length, dtype=dtype,
                            device=device)

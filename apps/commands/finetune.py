@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from apps.process import keep_torch_out
 from elm_spec import ElmError
 
 
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --adapter-path."),
     ) -> None:
         """Fine-tune a model directory on JSONL data; writes mlx-lm-format adapters."""
+        keep_torch_out()
         from elm_mlx.lora import quiet_transformers
         from elm_mlx.lora.config import build_config
         from elm_mlx.lora.train import finetune as run_finetune

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from apps.process import keep_torch_out
+
 
 def register(app: typer.Typer) -> None:
     @app.command("fuse")
@@ -21,6 +23,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Replace an existing --save-path."),
     ) -> None:
         """Merge LoRA/DoRA adapters into the base weights (re-quantizing a quantized base)."""
+        keep_torch_out()
         from elm_mlx.lora import quiet_transformers
         from elm_mlx.lora.fuse import fuse as run_fuse
 

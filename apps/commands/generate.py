@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from apps.process import keep_torch_out
 from elm_spec import ElmError
 
 
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate text from a model directory (MLX), streaming it to stdout."""
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        keep_torch_out()
         from elm_mlx import load
         from elm_mlx.generate import encode_prompt, stream_generate
 

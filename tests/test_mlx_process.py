@@ -1,0 +1,50 @@
+"""MLX-only commands keep PyTorch out of their process (transformers would import it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elm_spec import ModelSpec
+from tests.conftest import run_elm
+
+
+def imported_top_level(stderr: str) -> set[str]:
+    """Top-level modules a process imported, from Python's -X importtime report."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model_dir):
+    return make_model_dir(ModelSpec.from_preset("elm-tiny"), seed=2)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_mlx_commands_do_not_import_torch(model_dir, tmp_path, command):
+    if command == "generate":
+        args = ("generate", "--model", str(model_dir), "--prompt", "def", "--max-tokens", "4",
+                "--quiet")
+    else:
+        text = tmp_path / "text.txt"
+        text.write_text("import os\nprint(os.getcwd())\n")
+        args = ("eval", "perplexity", "--model", str(model_dir), "--data", str(text),
+                "--backend", "mlx", "--json")
+    done = run_elm(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    modules = imported_top_level(done.stderr)
+    assert {"mlx", "mlx_lm", "transformers"} <= modules
+    assert "torch" not in modules
+    if command == "eval":
+        assert json.loads(done.stdout)["tokens"] > 0
+
+
+def test_torch_commands_still_import_torch(model_dir, tmp_path):
+    """The same evaluation on the torch backend (the control: the report does see torch)."""
+    text = tmp_path / "text.txt"
+    text.write_text("import os\n")
+    done = run_elm("eval", "perplexity", "--model", str(model_dir), "--data", str(text),
+                   "--backend", "torch", "--json", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch" in imported_top_level(done.stderr)
