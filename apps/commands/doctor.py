@@ -127,6 +127,16 @@ def library_lines() -> Iterator[str]:
         yield f"{distribution}: {package_version(distribution, module) or 'not installed'}"
 
 
+def lm_eval_line() -> str:
+    version = package_version("lm_eval")
+    if version is None:
+        return "lm-eval: not installed (`pip install elm[eval]`)"
+    if "_elm_lm_eval" in sys.modules:  # imported at start-up by the installed elm-lm-eval.pth
+        return f"lm-eval: {version}; `lm_eval --model elm` available"
+    return (f"lm-eval: {version}; `lm_eval --model elm` unavailable (elm-lm-eval.pth not "
+            "installed: `pip install -e .`), `elm eval harness` works")
+
+
 def wordnet_line() -> str:
     try:
         import nltk
@@ -147,5 +157,6 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"python: {platform.python_version()} ({sys.executable})")
         typer.echo(f"platform: {platform.platform()}, {os.cpu_count()} CPU cores")
         typer.echo(f"elm: {elm_version()}")
-        for line in (*torch_lines(), *mlx_lines(), *library_lines(), wordnet_line()):
+        for line in (*torch_lines(), *mlx_lines(), *library_lines(), lm_eval_line(),
+                     wordnet_line()):
             typer.echo(line)
