@@ -36,6 +36,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
+from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
     SENTENCEPIECE_FILE,
@@ -146,28 +147,11 @@ def _checked(source: Source, name: str, code: str) -> Tensor:
     return converted
 
 
-def _progress(enabled: bool, label: str) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    console = Console(stderr=True)
-    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True,
-                    disable=not (enabled and console.is_terminal))
-
-
 def _stream(source: Source, code: str, options: ConvertOptions, label: str
             ) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor in the output dtype) for every tensor, with a progress bar in source bytes."""
     total = sum(source.tensor_bytes.values())
-    with _progress(options.progress, label) as progress:
+    with byte_progress(label, enabled=options.progress) as progress:
         task = progress.add_task(label, total=total)
         for name in source.names:
             yield name, _checked(source, name, code)

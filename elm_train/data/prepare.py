@@ -33,6 +33,7 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir
+from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
 from elm_train.data.format import Shard, shard_name, token_dtype, write_index
 from elm_train.data.sources import (
@@ -333,20 +334,10 @@ def _progress_bar(total_bytes: int, enabled: bool) -> Iterator[Callable[[int, Co
     if not enabled:
         yield lambda *_: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import TextColumn
 
-    progress = Progress(
-        TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TextColumn("{task.fields[documents]} docs, {task.fields[tokens]} tokens"),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    progress = byte_progress(
+        "tokenizing", TextColumn("{task.fields[documents]} docs, {task.fields[tokens]} tokens"))
     task = progress.add_task("prepare", total=total_bytes, documents=0, tokens=0)
 
     def advance(source_bytes: int, totals: Counter) -> None:
