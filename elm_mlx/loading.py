@@ -67,5 +67,18 @@ def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | No
     model = load_model(path, lazy=lazy)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
-    tokenizer = load_tokenizer(Path(path), eos_token_ids=model.spec.eos_token_id)
-    return model, tokenizer
+    return model, read_tokenizer(Path(path), model.spec.eos_token_id)
+
+
+def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
+    """mlx-lm's tokenizer for DIRECTORY. transformers reads config.json to pick a tokenizer
+    class and warns that `openelm` is not a model type it knows (HF's OpenELM is remote code);
+    the tokenizer class comes from tokenizer_config.json, so that warning is silenced here."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load_tokenizer(directory, eos_token_ids=eos_token_id)
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -1,4 +1,5 @@
-"""MLX-only commands keep PyTorch out of their process (transformers would import it)."""
+"""MLX processes stay lean and quiet: MLX-only commands keep PyTorch out (transformers would
+import it), and loading a model directory prints no transformers warning."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def test_torch_commands_still_import_torch(model_dir, tmp_path):
                    "--backend", "torch", "--json", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch" in imported_top_level(done.stderr)
+
+
+def test_loading_a_model_directory_prints_no_transformers_warning(model_dir):
+    """transformers warns that `openelm` is not a model type it knows when it reads the
+    tokenizer; `elm_mlx.load` silences that one read, and restores the verbosity after."""
+    import subprocess
+    import sys
+
+    code = ("import elm_mlx\nfrom transformers.utils import logging\n"
+            f"model, tokenizer = elm_mlx.load({str(model_dir)!r})\n"
+            "print(tokenizer.encode('def main'), logging.get_verbosity())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model of type" not in done.stderr and done.stderr.strip() == ""
+    ids, verbosity = done.stdout.rsplit(" ", 1)
+    assert ids.startswith("[1, ") and int(verbosity) == 30  # WARNING, as before the load
