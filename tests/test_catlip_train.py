@@ -186,3 +186,20 @@ def test_clip_task_trains_on_the_same_data(pretrained, tokenizer_dir, single_thr
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert metrics["logit_scale"] > 0
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_vit_flops_per_image_equals_torchs_flop_counter(patch_size):
+    """MFU's numerator for CatLIP: one forward pass counted by torch's FlopCounterMode (math
+    attention, which the counter sees in full) is a third of flops_per_image."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from elm_spec.vit import ViTSpec
+    from elm_train.catlip.vit import build_vit
+
+    spec = ViTSpec.from_preset("vit-test", num_layers=2, image_size=64, patch_size=patch_size)
+    images = torch.randn(3, 3, spec.image_size, spec.image_size)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        build_vit(spec)(images)
+    assert counter.get_total_flops() == spec.flops_per_image() / 3 * len(images)

@@ -127,3 +127,23 @@ def test_inconsistent_kv_heads_are_refused() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ElmError, match="OpenELM-270M"):
         ModelSpec.from_preset("OpenELM-9B")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("layer_wise", [True, False])
+def test_flops_per_token_equals_torchs_flop_counter(tied, layer_wise) -> None:
+    """MFU's numerator against an independent count: torch's FlopCounterMode over a real
+    forward and backward pass (explicit-matmul attention, which the counter sees in full)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from elm_train.modeldir import init_model
+
+    overrides = {} if layer_wise else {"qkv_multipliers": 1.0, "ffn_multipliers": 2.0}
+    spec = ModelSpec.from_preset("elm-tiny", share_input_output_layers=tied, **overrides)
+    model = init_model(spec)
+    model.set_attention_backend("eager")
+    batch, length = 2, 48
+    ids = torch.randint(0, spec.vocab_size, (batch, length))
+    with FlopCounterMode(display=False) as counter:
+        model(ids).logsumexp(-1).sum().backward()
+    assert counter.get_total_flops() == spec.flops_per_token(length) * batch * length
