@@ -82,8 +82,9 @@ class ViTSpec:
         return (stem + self.grid_size ** 2 * d + d + self.num_layers * block + 2 * d
                 + d * self.num_classes + self.num_classes)
 
-    def flops_per_image(self, image_size: int | None = None) -> float:
-        """Training FLOPs per image (forward + backward = 3x forward; matmuls and convs only)."""
+    def flops_per_image(self, image_size: int | None = None, classifier: bool = True) -> float:
+        """Training FLOPs per image (forward + backward = 3x forward; matmuls and convs only),
+        with or without the classification head."""
         size = image_size or self.image_size
         tokens = (size // self.patch_size) ** 2 + 1
         d, s, f = self.embed_dim, self.stem_dim, self.ffn_dim
@@ -91,7 +92,8 @@ class ViTSpec:
         stem = ((size // k0) ** 2 * 3 * s * k0 * k0 + (size // (2 * k0)) ** 2 * s * s * 4
                 + (size // self.patch_size) ** 2 * s * d * 4)
         block = tokens * (4 * d * d + 2 * d * f) + 2 * tokens * tokens * d
-        forward = 2 * (stem + self.num_layers * block + d * self.num_classes)
+        head = d * self.num_classes if classifier else 0
+        forward = 2 * (stem + self.num_layers * block + head)
         return 3.0 * forward
 
     def replace(self, **changes: Any) -> ViTSpec:

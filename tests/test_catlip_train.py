@@ -176,6 +176,13 @@ def test_clip_task_trains_on_the_same_data(pretrained, tokenizer_dir, single_thr
     model = task.build_model()
     batch = next(task.build_loader("train", 0, 1))
     assert batch["text"].shape == (8, 16) and task.items_in(batch) == 8
+    # MFU's numerator counts both towers and projections: torch's count of one forward pass.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch["images"], batch["text"])
+    assert counter.get_total_flops() == task.flops_per_item() / 3 * 8
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):

@@ -33,6 +33,14 @@ class TextSpec:
     ffn_multiplier: float = 4.0
     projection_dim: int = 512
 
+    def flops_per_text(self) -> float:
+        """Training FLOPs per text (3x forward; matmuls only): every block runs over the whole
+        padded context, attention counted in full as for the image tower."""
+        length, width = self.context_length, self.width
+        ffn = int(width * self.ffn_multiplier)
+        block = length * (4 * width * width + 2 * width * ffn) + 2 * length * length * width
+        return 3.0 * 2 * self.num_layers * block
+
 
 class TextTransformer(nn.Module):
     def __init__(self, spec: TextSpec):

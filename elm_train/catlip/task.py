@@ -225,6 +225,14 @@ class CLIPTask(CatLIPTask):
     def _text_encoder(self):
         return TextEncoder(self.data.tokenizer, self.data.context_length)
 
+    def flops_per_item(self) -> float:
+        """Both towers and both projections per image-text pair; the similarity matrix
+        (2 x global batch x projection_dim per pair, under 0.5% at CLIP's batch sizes) is not
+        counted."""
+        text = self.text_spec
+        projections = 3.0 * 2 * text.projection_dim * (self.spec.embed_dim + text.width)
+        return self.spec.flops_per_image(classifier=False) + text.flops_per_text() + projections
+
     def build_model(self) -> torch.nn.Module:
         model = CLIP(self.spec, self.text_spec)
         model.init_weights(torch.Generator().manual_seed(self.seed))
