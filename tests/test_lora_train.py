@@ -163,3 +163,65 @@ def test_fused_model_carries_the_training_chat_template(base_dir, tmp_path):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "A B"}],
                                            add_generation_prompt=True, tokenize=False)
     assert prompt == "<s><|user|>\nA B</s><|assistant|>\n"
+
+
+def test_gradient_accumulation_is_one_update_with_the_mean_gradient(base_dir, tmp_path):
+    """Two accumulated batches make one AdamW update with the mean of their gradients,
+    computed here independently from the same initial adapters and the same two batches."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
+
+    import elm_mlx
+    from elm_mlx.lora.adapters import apply_fine_tune
+    from elm_mlx.lora.data import Encoder, batch_stream, load_data_dir
+    from elm_mlx.lora.train import batch_arrays, batch_loss
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(12, seed=4))
+    config = build_config(None, dict(
+        model=str(base_dir), data=str(tmp_path / "data"), adapter_path=str(tmp_path / "a"),
+        iters=2, batch_size=2, grad_accumulation_steps=2, learning_rate=1e-2,
+        lr_schedule="constant", pack=False, max_seq_length=64, save_every=2))
+    finetune(config)
+    trained = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+
+    model, tokenizer = elm_mlx.load(base_dir)
+    mx.random.seed(config.seed)
+    apply_fine_tune(model, config)
+    split = load_data_dir(config.data, Encoder(tokenizer, None), config.max_seq_length)["train"]
+    stream = batch_stream(split, config.batch_size, config.max_seq_length, False, config.seed,
+                          training=True)
+    gradients = [nn.value_and_grad(model, batch_loss)(model, *batch_arrays(stream.training_batch(i)))[1]
+                 for i in range(2)]
+    mean = tree_map(lambda a, b: (a + b) / 2, *gradients)
+    before = dict(tree_flatten(model.trainable_parameters()))
+    optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay).update(model, mean)
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    assert expected.keys() == trained.keys()
+    moved = max(float(mx.abs(expected[k] - before[k]).max()) for k in expected)
+    assert moved > 1e-3  # one real update, which the trained adapters must equal
+    for key, value in expected.items():
+        np.testing.assert_allclose(np.array(trained[key]), np.array(value), atol=1e-6, err_msg=key)
+
+
+def test_gradient_checkpointing_gives_the_same_adapters(base_dir, tmp_path):
+    """`--grad-checkpoint` recomputes activations (lower MLX peak) and changes nothing else.
+    Run as commands: mlx-lm's grad_checkpoint patches the block class for the whole process."""
+    from tests.conftest import run_elm
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(12, seed=5))
+    saved = {}
+    for flag in ("--grad-checkpoint", "--no-grad-checkpoint"):
+        out = tmp_path / flag
+        done = run_elm("finetune", "--lora", "--model", str(base_dir), "--data",
+                       str(tmp_path / "data"), "--adapter-path", str(out), "--iters", "3",
+                       "--batch-size", "2", "--learning-rate", "1e-2", "--max-seq-length", "64",
+                       *([flag] if flag == "--grad-checkpoint" else []))
+        assert done.returncode == 0, done.stderr[-2000:]
+        saved[flag] = (mx.load(str(out / "adapters.safetensors")),
+                       metrics(out)[-1]["peak_memory_gb"])
+    (checkpointed, checkpointed_peak), (plain, plain_peak) = saved.values()
+    assert checkpointed_peak < 0.9 * plain_peak  # activations were recomputed, not kept
+    for key, value in plain.items():
+        np.testing.assert_allclose(np.array(checkpointed[key]), np.array(value), atol=1e-6,
+                                   err_msg=key)
