@@ -14,7 +14,7 @@ activations, allocator slack); MLX's allocator peak of the same process is repor
 ROUNDS rounds and the best time of each is kept, so machine load hits all of them alike.
 Packing's gain is elm packed against elm unpacked, by the same method.
 
-    python benchmarks/bench_lora.py [--rounds 2] [--out FILE]
+    python benchmarks/bench_lora.py [--rounds 2] [--out FILE] [--vocab-size N]
 """
 
 from __future__ import annotations
@@ -56,15 +56,18 @@ def source_rows(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def prepare(root: Path) -> tuple[Path, Path]:
+def prepare(root: Path, vocab_size: int | None) -> tuple[Path, Path]:
+    """The model directory (the preset, its embedding widened to VOCAB_SIZE rows if given; the
+    tokenizer keeps the preset's pieces) and the data directory."""
     from elm_spec import ModelSpec
     from elm_spec.tokenizer import train_tokenizer
     from elm_train.modeldir import init_model, save_model_dir
 
-    spec = ModelSpec.from_preset(PRESET)
+    preset = ModelSpec.from_preset(PRESET)
+    spec = preset.replace(vocab_size=vocab_size) if vocab_size else preset
     tokenizer_dir = root / "tokenizer"
     texts = [r["text"] for r in source_rows(2000, seed=99)]
-    train_tokenizer(iter(texts), spec.vocab_size, tokenizer_dir)
+    train_tokenizer(iter(texts), preset.vocab_size, tokenizer_dir)
     model = root / "model"
     save_model_dir(init_model(spec, seed=0).state_dict(), spec, model,
                    tokenizer_dir / "tokenizer.model")
@@ -140,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON.")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="Embedding rows of the model (default: the preset's 2048; OpenELM "
+                             "has 32000), to see how the loss's memory scales with the vocabulary.")
     args = parser.parse_args()
     library = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0"}
@@ -147,7 +153,7 @@ def main() -> None:
         env["LD_PRELOAD"] = library
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        model, data = prepare(root)
+        model, data = prepare(root, args.vocab_size)
         facts = epoch_facts(model, data)
         tools = ("elm", "mlx-lm", "elm-packed")
         epochs = {"elm": facts["batches"], "mlx-lm": facts["batches"],
@@ -166,7 +172,7 @@ def main() -> None:
                     print(f"round {round_index + 1} {tool:10s} {length:5s} {iters:4d} iters "
                           f"{seconds:7.2f} s  peak RSS {rss:.3f} GB  MLX peak {mlx_peak:.3f} GB",
                           flush=True)
-    results = {"preset": PRESET, "batch_size": BATCH_SIZE, "max_seq_length": MAX_SEQ_LENGTH,
+    results = {"preset": PRESET, "vocab_size": args.vocab_size, "batch_size": BATCH_SIZE, "max_seq_length": MAX_SEQ_LENGTH,
                "rounds": args.rounds, **facts, "tools": {}}
     for tool in tools:
         delta = best[tool]["long"] - best[tool]["short"]

@@ -180,7 +180,7 @@ def test_config_file_mirrors_flags_and_rejects_unknown_keys(tmp_path: Path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_loss_and_gradients_equal_the_full_logits_computation(make_model_dir, tied):
-    """The loss projects LOSS_CHUNK_TOKENS positions at a time under a checkpoint; value and
+    """The loss projects loss_chunk_rows(vocab) positions at a time under a checkpoint; value and
     gradients (LoRA weights, and every weight including the head when all are trainable) must
     equal cross-entropy over the whole logits tensor."""
     import mlx.nn as nn
@@ -189,13 +189,14 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_computation(make_model
     import elm_mlx
     from elm_mlx.lora.adapters import apply_fine_tune
     from elm_mlx.lora.config import FinetuneConfig
-    from elm_mlx.lora.train import LOSS_CHUNK_TOKENS, batch_loss
+    from elm_mlx.lora.train import batch_loss, loss_chunk_rows
     from elm_spec import ModelSpec
 
     spec = ModelSpec.from_preset("elm-tiny", share_input_output_layers=tied)
     directory = make_model_dir(spec, seed=5)
     rng = np.random.default_rng(0)
-    batch, length = 3, 2 * LOSS_CHUNK_TOKENS // 3 + 7  # chunks straddle rows, last one short
+    chunk = loss_chunk_rows(spec.vocab_size)
+    batch, length = 3, 2 * chunk // 3 + 7  # chunks straddle rows, last one short
     inputs = mx.array(rng.integers(0, spec.vocab_size, (batch, length)))
     targets = mx.array(rng.integers(0, spec.vocab_size, (batch, length)))
     weights = mx.array((rng.random((batch, length)) > 0.2).astype(np.float32))
