@@ -21,16 +21,13 @@ MODELS_PACKAGE = "lm_eval.models"
 ENTRY_POINT_GROUP = "lm_eval.models"
 
 
-def register_entry_points(registry: Any) -> list[str]:
-    """Add the group's entry points missing from REGISTRY; returns the names added."""
+def register_entry_points(registry: Any) -> None:
+    """Add the group's entry points missing from REGISTRY."""
     from importlib.metadata import entry_points
 
-    added = []
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.name not in registry:
             registry.register(entry_point.name, target=entry_point.value)
-            added.append(entry_point.name)
-    return added
 
 
 class _RegisteringLoader(importlib.abc.Loader):

@@ -29,6 +29,12 @@ VOCAB_JSON = "vocab.json"
 VOCAB_PICKLE = "vocab.pkl"
 
 
+def transformer_block_macs(tokens: int, width: int, ffn_dim: int) -> int:
+    """Multiply-adds of one pre-norm block over TOKENS: QKV and output projections, the MLP,
+    and attention's two T x T products counted in full."""
+    return tokens * (4 * width * width + 2 * width * ffn_dim) + 2 * tokens * tokens * width
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """Shape of a CoreNet-style ViT with a linear head of `num_classes` outputs."""
@@ -91,7 +97,7 @@ class ViTSpec:
         k0 = self.stem_strides[0]
         stem = ((size // k0) ** 2 * 3 * s * k0 * k0 + (size // (2 * k0)) ** 2 * s * s * 4
                 + (size // self.patch_size) ** 2 * s * d * 4)
-        block = tokens * (4 * d * d + 2 * d * f) + 2 * tokens * tokens * d
+        block = transformer_block_macs(tokens, d, f)
         head = d * self.num_classes if classifier else 0
         forward = 2 * (stem + self.num_layers * block + head)
         return 3.0 * forward

@@ -57,11 +57,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune a model directory on JSONL data; writes mlx-lm-format adapters."""
         keep_torch_out()
-        from elm_mlx.lora import quiet_transformers
         from elm_mlx.lora.config import build_config
         from elm_mlx.lora.train import finetune as run_finetune
-
-        quiet_transformers()
 
         if not lora:
             raise ElmError("elm finetune needs --lora (adapters, or --lora --fine-tune-type full)")

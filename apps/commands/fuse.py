@@ -24,10 +24,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge LoRA/DoRA adapters into the base weights (re-quantizing a quantized base)."""
         keep_torch_out()
-        from elm_mlx.lora import quiet_transformers
         from elm_mlx.lora.fuse import fuse as run_fuse
-
-        quiet_transformers()
 
         written = run_fuse(model, adapter_path, save_path, dequantize=dequantize, export=export,
                            dtype=dtype, force=force)

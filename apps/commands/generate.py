@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def register(app: typer.Typer) -> None:
                                      help="Print the statistics lines, or only the generated text."),
     ) -> None:
         """Generate text from a model directory (MLX), streaming it to stdout."""
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         keep_torch_out()
         from elm_mlx import load
         from elm_mlx.generate import encode_prompt, stream_generate

@@ -255,7 +255,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
         if valid is not None and start == 0:
             tic = time.perf_counter()
             results["initial_val_loss"] = evaluate(model, valid, config.val_batches,
-                                                       config.clear_cache_threshold)
+                                                   config.clear_cache_threshold)
             reporter.validation(0, results["initial_val_loss"], time.perf_counter() - tic)
         model.train()
         window_loss, window_tokens, window_steps, elapsed, grad = 0.0, 0, 0, 0.0, None
@@ -280,7 +280,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
             if valid is not None and (step % config.steps_per_eval == 0 or step == config.iters):
                 tic = time.perf_counter()
                 results["val_loss"] = evaluate(model, valid, config.val_batches,
-                                                       config.clear_cache_threshold)
+                                               config.clear_cache_threshold)
                 reporter.validation(step, results["val_loss"], time.perf_counter() - tic)
                 model.train()
             if step % config.save_every == 0 or step == config.iters:
@@ -290,7 +290,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
     model.eval()
     if config.test:
         results["test_loss"] = evaluate(model, streams["test"], config.test_batches,
-                                           config.clear_cache_threshold)
+                                        config.clear_cache_threshold)
         results["test_perplexity"] = math.exp(min(results["test_loss"], 700.0))
         console.print(f"test loss {results['test_loss']:.4f}, "
                       f"test perplexity {results['test_perplexity']:.3f}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elm_spec.vit import ViTSpec
+from elm_spec.vit import ViTSpec, transformer_block_macs
 from elm_train.catlip.vit import Block, VisionTransformer, init_transformer_weights
 
 PAD_ID = 0
@@ -36,9 +36,8 @@ class TextSpec:
     def flops_per_text(self) -> float:
         """Training FLOPs per text (3x forward; matmuls only): every block runs over the whole
         padded context, attention counted in full as for the image tower."""
-        length, width = self.context_length, self.width
-        ffn = int(width * self.ffn_multiplier)
-        block = length * (4 * width * width + 2 * width * ffn) + 2 * length * length * width
+        block = transformer_block_macs(self.context_length, self.width,
+                                       int(self.width * self.ffn_multiplier))
         return 3.0 * 2 * self.num_layers * block
 
 
