@@ -6,11 +6,17 @@ import importlib
 import os
 import pkgutil
 import sys
+from typing import NoReturn
 
 import typer
 
 from apps import commands, process
 from elm_spec.errors import ElmError
+from elm_spec.output import write_failure
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+# Usage errors: typer 0.2x vendors click, older versions re-export click's own classes.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="elm",
@@ -52,15 +58,41 @@ def _reexec_with_openblas() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "apps", *sys.argv[1:]], env)
 
 
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _usage_line(error: ClickException) -> str:
+    """A bad flag or value as one line: the command, what is wrong, where help is."""
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return error.format_message()
+    return f"{context.command_path}: {error.format_message()} (see {context.command_path} --help)"
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         process.is_program = True
         _reexec_with_openblas()
     try:
-        app(args=argv, prog_name="elm", standalone_mode=True)
+        # Not typer's standalone mode: that exits 130 in silence on Ctrl-C and draws usage
+        # errors as a box; every failure here is one `error:` line.
+        code = app(args=argv, prog_name="elm", standalone_mode=False)
+    except ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `elm` alone, or `elm data`: the help
+            error.show()
+            sys.exit(error.exit_code)
+        _fail(_usage_line(error), error.exit_code)
+    except typer.Abort:
+        _fail("aborted")
     except ElmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(error))
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", INTERRUPTED)
+    except OSError as error:
+        failure = write_failure(error.filename or "output", error)
+        _fail(str(failure) if failure else f"{error.filename or 'elm'}: {error.strerror or error}")
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code
+        _fail("interrupted", INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,6 @@ into a temporary directory that replaces DST only when everything (and `--verify
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
+from elm_spec.output import write_failure
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -222,8 +222,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
 
 
 def _write_error(dst: Path, error: OSError) -> ElmError:
-    reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-    return ElmError(f"{dst}: write failed ({reason}); nothing was changed there")
+    return write_failure(dst, error) or ElmError(
+        f"{dst}: write failed ({error.strerror or error}); nothing was changed there")
 
 
 def _warn_float16_range(source: Source, report: ConvertReport) -> None:

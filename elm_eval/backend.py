@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elm_spec import ElmError
-from elm_spec.modeldir import read_spec, require_model_dir
+from elm_spec.modeldir import CONFIG_FILE, read_spec, require_model_dir
 from elm_spec.tokenizer import Tokenizer, require_tokenizer
 
 BACKENDS = ("torch", "mlx")
@@ -210,6 +210,10 @@ def load_eval_model(model_dir: str | os.PathLike[str], backend: str | None = Non
         raise ElmError(f"backend {backend!r} is not installed here "
                        f"(installed: {', '.join(installed_backends()) or 'none'})")
     length = max_length or spec.max_context_length
+    if length > spec.max_context_length:
+        raise ElmError(f"--context-length {length} is longer than the model was built for "
+                       f"(max_context_length {spec.max_context_length} in "
+                       f"{directory / CONFIG_FILE})")
     if backend == "torch":
         if adapter_path is not None:
             raise ElmError("adapters need the mlx backend; for torch, fuse them first with `elm fuse`")

@@ -32,7 +32,11 @@ def read_documents(paths: Sequence[Path], text_key: str = "text") -> list[str]:
         elif path.suffix == ".txt":
             if not path.is_file():
                 raise ElmError(f"{path}: not found")
-            documents.append(path.read_text(encoding="utf-8"))
+            try:
+                documents.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as error:
+                raise ElmError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} "
+                               f"at offset {error.start})") from None
         else:
             raise ElmError(f"{path}: expected a .txt or .jsonl file")
     documents = [d for d in documents if d.strip()]

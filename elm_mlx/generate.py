@@ -11,6 +11,7 @@ without copying the weights. Prompt processing (many rows) stays on MLX.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -174,6 +175,34 @@ def encode_prompt(tokenizer: TokenizerWrapper, text: str, use_chat_template: boo
     return list(ids)
 
 
+def check_generation_options(*, max_tokens: int = 100, temp: float = 0.0, top_p: float = 1.0,
+                             top_k: int = 0, min_p: float = 0.0,
+                             repetition_penalty: float | None = None,
+                             repetition_context_size: int = 20, max_kv_size: int | None = None,
+                             prefill_step_size: int = 2048) -> None:
+    """One error naming the option (by its flag) that mlx-lm would accept silently or crash on;
+    every command that samples (generate, chat, serve) passes through here."""
+    def need(condition: bool, flag: str, rule: str, value: object) -> None:
+        if not condition:
+            raise ElmError(f"{flag} must be {rule}, got {value}")
+
+    for flag, value in (("--temp", temp), ("--top-p", top_p), ("--min-p", min_p),
+                        ("--repetition-penalty", repetition_penalty)):
+        need(value is None or math.isfinite(value), flag, "a finite number", value)
+    need(max_tokens >= 1, "--max-tokens", "at least 1", max_tokens)
+    need(temp >= 0, "--temp", "0 (greedy) or more", temp)
+    need(0 < top_p <= 1, "--top-p", "in (0, 1]", top_p)
+    need(top_k >= 0, "--top-k", "0 (all tokens) or more", top_k)
+    need(0 <= min_p <= 1, "--min-p", "in [0, 1]", min_p)
+    need(repetition_penalty is None or repetition_penalty > 0, "--repetition-penalty",
+         "positive (1: no penalty)", repetition_penalty)
+    need(repetition_context_size >= 1, "--repetition-context-size", "at least 1",
+         repetition_context_size)
+    need(max_kv_size is None or max_kv_size >= 5, "--max-kv-size",
+         "at least 5 (4 tokens are kept)", max_kv_size)
+    need(prefill_step_size >= 1, "--prefill-step-size", "at least 1", prefill_step_size)
+
+
 def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int], *,
                     max_tokens: int = 100, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: float | None = None,
@@ -187,10 +216,10 @@ def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str |
     sampling; `repetition_penalty` over the last `repetition_context_size` tokens;
     `max_kv_size` keeps a rotating KV cache of that many tokens.
     """
-    if max_tokens < 1:
-        raise ElmError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if max_kv_size is not None and max_kv_size < 5:
-        raise ElmError(f"--max-kv-size must be at least 5 (4 tokens are kept), got {max_kv_size}")
+    check_generation_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                             min_p=min_p, repetition_penalty=repetition_penalty,
+                             repetition_context_size=repetition_context_size,
+                             max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
     if seed is not None:
         mx.random.seed(seed)
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)

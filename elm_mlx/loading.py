@@ -14,7 +14,12 @@ from mlx_lm.utils import load_tokenizer
 from elm_mlx.model import Model
 from elm_spec import ElmError, ModelSpec
 from elm_spec.modeldir import check_tensors, read_config, read_spec, require_model_dir
-from elm_spec.tokenizer import require_tokenizer
+from elm_spec.tokenizer import (
+    FAST_TOKENIZER_FILE,
+    SENTENCEPIECE_FILE,
+    Tokenizer,
+    require_tokenizer,
+)
 
 
 class _SpecArgs:
@@ -76,6 +81,9 @@ def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
     the tokenizer class comes from tokenizer_config.json, so that warning is silenced here."""
     from transformers.utils import logging as hf_logging
 
+    if not (directory / FAST_TOKENIZER_FILE).is_file():
+        # transformers reads a damaged tokenizer.model as tiktoken and asks to install it
+        Tokenizer(directory / SENTENCEPIECE_FILE)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -18,8 +18,10 @@ def read_jsonl_objects(path: str | os.PathLike[str], limit: int | None = None
     A line that is not a JSON object is one error naming the file and line; an empty file too.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ElmError(f"{path}: is a directory, not a JSON Lines file")
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as error:
         raise ElmError(f"{path}: cannot be read ({error.strerror})") from None
     with handle:
@@ -31,13 +33,18 @@ def read_jsonl_objects(path: str | os.PathLike[str], limit: int | None = None
     return rows
 
 
-def _parse(path: Path, number: int, line: str) -> dict[str, Any]:
+def _parse(path: Path, number: int, line: bytes) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ElmError(f"{path}:{number}: not UTF-8 text (byte {line[error.start]:#04x} at "
+                       f"column {error.start + 1})") from None
+    try:
+        row = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ElmError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    except UnicodeDecodeError:
-        raise ElmError(f"{path}:{number}: not UTF-8 text") from None
+        ending = "" if line.endswith(b"\n") else "; the file ends mid-line: is it truncated?"
+        raise ElmError(f"{path}:{number}: not valid JSON ({error.msg.removesuffix(' at')} at "
+                       f"column {error.colno}{ending})") from None
     if not isinstance(row, dict):
         raise ElmError(f"{path}:{number}: expected a JSON object")
     return row

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec.errors import ElmError
+from elm_spec.output import current_umask, writing
 from elm_spec.spec import ModelSpec
 
 CONFIG_FILE = "config.json"
@@ -60,7 +61,8 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def require_model_dir(path: str | os.PathLike[str]) -> Path:
     directory = Path(path)
     if not directory.is_dir():
-        raise ElmError(f"{directory}: not a model directory (it does not exist)")
+        problem = "it is a file" if directory.exists() else "it does not exist"
+        raise ElmError(f"{directory}: not a model directory ({problem})")
     if not (directory / CONFIG_FILE).is_file():
         raise ElmError(f"{directory}: no config.json (not a model directory)")
     return directory
@@ -71,13 +73,14 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
-    directory = require_model_dir(path)
+    file = require_model_dir(path) / CONFIG_FILE
+    config = read_json(file)  # its errors name the file already
     try:
-        return ModelSpec.from_config(read_json(directory / CONFIG_FILE))
+        return ModelSpec.from_config(config)
     except ElmError as error:
-        raise ElmError(f"{directory / CONFIG_FILE}: {error}".replace("config.json: ", "")) from None
+        raise ElmError(f"{file}: {str(error).removeprefix(f'{CONFIG_FILE}: ')}") from None
     except TypeError as error:
-        raise ElmError(f"{directory / CONFIG_FILE}: {error}") from None
+        raise ElmError(f"{file}: {error}") from None
 
 
 def weight_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -121,10 +124,15 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ElmError(f"{file}: corrupt safetensors entry for tensor {name!r}") from None
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise ElmError(f"{file}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise ElmError(f"{file}: corrupt safetensors entry for tensor {name!r} "
+                           f"(data offsets {start}, {end})")
         if end > data_bytes:
             raise ElmError(f"{file}: truncated (tensor {name!r} ends past the end of the file)")
-        expected = SAFETENSORS_DTYPE_BYTES.get(dtype, 0) * _product(shape)
-        if dtype in SAFETENSORS_DTYPE_BYTES and end - start != expected:
+        expected = SAFETENSORS_DTYPE_BYTES[dtype] * _product(shape)
+        if end - start != expected:
             raise ElmError(f"{file}: corrupt entry for tensor {name!r} (size does not match shape)")
         tensors[name] = TensorInfo(file, dtype, shape, end - start, 8 + header_len + start)
     return tensors
@@ -211,21 +219,16 @@ def atomic_output_dir(destination: str | os.PathLike[str], force: bool = False) 
         raise ElmError(f"{target}: exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise ElmError(f"{target}: already exists and is not empty (use --force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would make the output private
-    try:
-        yield staging
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the output private
+        try:
+            yield staging
+            replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def replace_dir(source: Path, target: Path) -> None:

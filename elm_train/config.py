@@ -6,8 +6,10 @@ Precedence, lowest first: dataclass defaults, the recipe named by `recipe:`, the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -320,14 +322,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         raise ElmError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ElmError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ElmError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ElmError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -370,6 +375,24 @@ def _check_values(config: Config) -> None:
                            + (f" (got {', '.join('model.' + s for s in sources)})" if sources else ""))
         if (config.data.path is None) == (not config.data.synthetic):
             raise ElmError("data: give exactly one of data.path (prepared tokens) or data.synthetic: true")
+
+
+# Keys a resumed run must share with the checkpoint it continues: they shape the data order,
+# the optimizer state or the learning-rate schedule (train.max_steps may grow: a longer run).
+RESUME_KEYS = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps",
+               "optim.warmup_init_lr", "optim.weight_decay", "optim.betas", "optim.eps",
+               "data.seed")
+
+
+def check_resumable(saved_config: Path, config: Config) -> None:
+    """Refuse to resume from a checkpoint written with other settings, naming the first key."""
+    saved = load_config(saved_config)
+    for key in RESUME_KEYS:
+        before, now = _get(saved, key), _get(config, key)
+        if before != now:
+            raise ElmError(f"{key} is {now!r} but {saved_config.parent} was written with {before!r}; "
+                           f"set it back, or start a new run (another checkpoint.dir, or "
+                           f"checkpoint.resume=false)")
 
 
 def dump_config(config: Config) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from elm_spec.output import write_text_atomic
+
 # Dense bf16 tensor-core peaks in FLOP/s (FACTS.md section 6).
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
@@ -72,18 +74,34 @@ def mfu(flops_per_item: float, items_per_s_per_device: float, peak: float | None
 class MetricsLog:
     """JSONL (and optional TensorBoard) writer; a no-op on every rank but 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False,
+                 resume_step: int | None = None):
+        """RESUME_STEP: the step training restarts from; records of later steps (logged by a
+        run that was stopped before its next checkpoint) are dropped, so no step appears twice."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.writer = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            self._drop_records_after(resume_step)
         self.file = self.path.open("a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def _drop_records_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        write_text_atomic(self.path, "".join(kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from elm_spec import ElmError
+from elm_spec.output import writing
 from elm_train import parallel
-from elm_train.checkpoint import Checkpointer
-from elm_train.config import Config, OptimConfig, dump_config
+from elm_train.checkpoint import CONFIG_COPY, Checkpointer
+from elm_train.config import Config, OptimConfig, check_resumable, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from elm_train.tasks import task_class
 
@@ -148,21 +149,26 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     loader = task.build_loader("train", ctx.rank, ctx.world_size)
 
     run_dir = Path(config.log.run_dir)
-    checkpointer = (Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep)
-                    if config.checkpoint.dir else None)
+    _require_directory(run_dir, "log.run_dir")
+    checkpointer = None
+    if config.checkpoint.dir:
+        _require_directory(Path(config.checkpoint.dir), "checkpoint.dir")
+        checkpointer = Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep)
     start_step = 0
     if checkpointer is not None and config.checkpoint.resume:
         latest = checkpointer.latest()
         if latest is not None:
+            if (latest / CONFIG_COPY).is_file():
+                check_resumable(latest / CONFIG_COPY, config)
             start_step = checkpointer.load(latest, model, optimizer, scheduler, loader)
             if ctx.is_main:
                 print(f"resumed from {latest} (step {start_step})", flush=True)
 
-    log = MetricsLog(run_dir, ctx.is_main, config.log.tensorboard)
     config_text = dump_config(config)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.yaml").write_text(config_text)
+    with writing(run_dir):
+        log = MetricsLog(run_dir, ctx.is_main, config.log.tensorboard, resume_step=start_step)
+        if ctx.is_main:
+            (run_dir / "train_config.yaml").write_text(config_text)
     peak = peak_flops(ctx.device, dtype, config.log.peak_flops)
     flops_per_item = task.flops_per_item()
     token_task = getattr(task, "item_name", "tokens") == "tokens"
@@ -229,8 +235,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                     log.write(record)
                     progress.update(step, record)
                 if should_save or (stop_now and checkpointer is not None):
-                    last_saved = checkpointer.save(step, model, optimizer, scheduler, loader,
-                                                   config_text, task)
+                    with writing(checkpointer.root):
+                        last_saved = checkpointer.save(step, model, optimizer, scheduler, loader,
+                                                       config_text, task)
                 if stop_now:
                     stopped = True
                     if ctx.is_main:
@@ -249,6 +256,11 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                "peak_memory_bytes": peak_memory_bytes(ctx.device)})
     log.close()
     return TrainResult(step, last_loss, valid_loss, run_dir, last_saved, stopped)
+
+
+def _require_directory(path: Path, key: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ElmError(f"{key}: {path} is a file, not a directory")
 
 
 def _as_float(value: torch.Tensor) -> float:

@@ -74,7 +74,8 @@ def perplexity(
 ) -> None:
     """Token perplexity and bits per byte of text, sliding windows over long documents."""
     from elm_eval.perplexity import evaluate_perplexity, read_documents
-    from elm_eval.report import perplexity_markdown, write_json_atomic
+    from elm_eval.report import perplexity_markdown
+    from elm_spec.output import write_json_atomic
 
     documents = read_documents(data, text_key)
     loaded = _load(model, backend, adapter_path, batch_size, context_length, dtype, device)
@@ -104,8 +105,9 @@ def tasks(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Zero-shot multiple-choice accuracy (acc, acc_norm) as lm-eval-harness computes it."""
-    from elm_eval.report import tasks_markdown, write_json_atomic
+    from elm_eval.report import tasks_markdown
     from elm_eval.tasks import evaluate_tasks, load_tasks, parse_task_names
+    from elm_spec.output import write_json_atomic
 
     names = parse_task_names(task_names)
     if limit is not None and limit < 1:

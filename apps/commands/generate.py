@@ -47,8 +47,12 @@ def register(app: typer.Typer) -> None:
         """Generate text from a model directory (MLX), streaming it to stdout."""
         keep_torch_out()
         from elm_mlx import load
-        from elm_mlx.generate import encode_prompt, stream_generate
+        from elm_mlx.generate import check_generation_options, encode_prompt, stream_generate
 
+        check_generation_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                                 min_p=min_p, repetition_penalty=repetition_penalty,
+                                 repetition_context_size=repetition_context_size,
+                                 max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
         if system_prompt is not None and ignore_chat_template:
             raise ElmError("--system-prompt needs the chat template; drop --ignore-chat-template")
         text = read_prompt(prompt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -14,8 +15,23 @@ def load_spec_argument(preset: str | None, spec_file: Path | None, vocab_size: i
     """A ModelSpec from --preset or --spec (a YAML/JSON file of ModelSpec or config.json keys)."""
     if (preset is None) == (spec_file is None):
         raise ElmError("give exactly one of --preset NAME or --spec FILE")
+    if vocab_size is not None and vocab_size < 1:
+        raise ElmError(f"--vocab-size must be at least 1, got {vocab_size}")
     spec = ModelSpec.from_preset(preset) if preset is not None else read_spec_file(spec_file)
-    return spec.replace(vocab_size=vocab_size) if vocab_size else spec
+    return spec.replace(vocab_size=vocab_size) if vocab_size is not None else spec
+
+
+def check_fits_in_memory(spec: ModelSpec) -> None:
+    """Refuse, before allocating, a model whose float32 weights exceed this machine's memory."""
+    needed = 4 * spec.num_parameters()
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocator decide
+        return
+    if needed > available:
+        raise ElmError(f"this model has {spec.num_parameters():,} parameters: {needed / 1e9:,.1f} GB "
+                       f"of float32 weights, more than this machine's {available / 1e9:,.1f} GB "
+                       "of memory (check --vocab-size and the spec)")
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +60,7 @@ def register(app: typer.Typer) -> None:
                 spec = spec.replace(vocab_size=pieces)
             elif pieces > spec.vocab_size:
                 raise ElmError(f"{tokenizer_file}: has {pieces} pieces, more than --vocab-size {vocab_size}")
+        check_fits_in_memory(spec)
         model = init_model(spec, seed=seed)
         save_model_dir(model.state_dict(), spec, destination, tokenizer_file, dtype=dtype, force=force)
         typer.echo(f"{destination}: {spec.describe()}")

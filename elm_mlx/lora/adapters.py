@@ -8,7 +8,6 @@ adapter_path=...)` and in `elm_mlx.load(..., adapter_path=...)`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from elm_mlx.lora.config import FinetuneConfig
 from elm_spec import ElmError
+from elm_spec.output import writing
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,14 +69,13 @@ def adapter_config(config: FinetuneConfig, num_layers: int, chat_template: str |
 
 def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
-    mx.save_safetensors(str(temporary), arrays)
-    os.replace(temporary, path)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    with writing(path):
+        try:
+            mx.save_safetensors(str(temporary), arrays)
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def write_adapter_weights(directory: Path, model: nn.Module) -> None:

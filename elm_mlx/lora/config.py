@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ class FinetuneConfig:
                      "save_every", "max_seq_length", "grad_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ElmError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("learning_rate", "weight_decay", "dropout", "scale", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ElmError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("learning_rate", "weight_decay", "warmup", "clear_cache_threshold"):
+            if getattr(self, name) < 0:
+                raise ElmError(f"--{name.replace('_', '-')} must not be negative, "
+                               f"got {getattr(self, name)}")
+        for name in ("num_layers", "val_batches", "test_batches"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise ElmError(f"--{name.replace('_', '-')} must be -1 (all) or at least 1, "
+                               f"got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ElmError("--dropout must be in [0, 1)")
         if self.max_seq_length < 2:

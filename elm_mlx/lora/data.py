@@ -210,7 +210,8 @@ def load_data_dir(data_dir: str | Path, encoder: Encoder, max_seq_length: int,
     """The splits present in DATA_DIR; train.jsonl is required."""
     directory = Path(data_dir)
     if not directory.is_dir():
-        raise ElmError(f"{directory}: data directory not found")
+        problem = "is a file, not a directory" if directory.exists() else "not found"
+        raise ElmError(f"{directory}: {problem} (--data takes a directory holding train.jsonl)")
     if not (directory / "train.jsonl").is_file():
         raise ElmError(f"{directory}: no train.jsonl (a data directory needs train.jsonl; "
                        "valid.jsonl and test.jsonl are optional)")

@@ -29,7 +29,6 @@ from elm_mlx.lora.adapters import (
     adapter_config,
     apply_fine_tune,
     write_adapter_weights,
-    write_json_atomic,
 )
 from elm_mlx.lora.checkpoint import (
     check_resumable,
@@ -49,6 +48,7 @@ from elm_mlx.lora.data import (
 )
 from elm_mlx.lora.report import Reporter
 from elm_spec import ElmError
+from elm_spec.output import write_json_atomic, writing
 
 # Settings a resumed run must share with the run it continues.
 RESUME_SETTINGS = ("fine_tune_type", "rank", "lora_scale", "dropout", "keys", "iters",
@@ -188,7 +188,19 @@ def prepare_output(adapter_path: Path, resume: bool) -> Path | None:
 
 def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str, float]:
     """Run a fine-tuning job; returns the final validation and test losses that were measured."""
-    console = console or Console()
+    with writing(config.adapter_path):
+        return _finetune(config, console or Console())
+
+
+def check_finite_loss(step: int, loss: float) -> None:
+    """Stop before a NaN or infinite loss reaches the adapters (as `elm train` does)."""
+    if not math.isfinite(loss):
+        raise ElmError(f"step {step}: the training loss is {loss}; stopped without writing this "
+                       "step's adapters (check --learning-rate, the model's weights for NaN, and "
+                       "that the tokenizer fits the model's vocabulary)")
+
+
+def _finetune(config: FinetuneConfig, console: Console) -> dict[str, float]:
     adapter_path = Path(config.adapter_path)
     resume_from = prepare_output(adapter_path, config.resume)
 
@@ -268,6 +280,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
             mx.eval(state, loss, tokens, grad)
             clear_cache(config.clear_cache_threshold)
             elapsed += time.perf_counter() - tic
+            check_finite_loss(step, loss.item())
             window_loss += loss.item()
             window_tokens += int(tokens.item())
             window_steps += 1

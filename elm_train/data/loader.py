@@ -79,6 +79,10 @@ class TokenWindowLoader:
         begin = self.step * self.global_batch + self.rank * self.micro_batch_size
         windows = order[begin: begin + self.micro_batch_size]
         tokens = np.stack([self._read_window(int(w)) for w in windows]).astype(np.int64)
+        if int(tokens.max()) >= self.data.vocab_size:
+            raise ElmError(f"{self.data.directory}: the {self.split!r} shards hold token id "
+                           f"{int(tokens.max())}, not below the vocab_size {self.data.vocab_size} "
+                           f"of {INDEX_FILE} (shards and index do not match)")
         self.step += 1
         if self.step == self.batches_per_epoch:
             self.epoch += 1

@@ -50,6 +50,9 @@ class LanguageModelTask:
                                "write it with `elm data prepare`)")
             self.data = read_index(directory)
         self.spec = spec_from_config(config, self.data)
+        if config.train.seq_len > self.spec.max_context_length:
+            raise ElmError(f"train.seq_len {config.train.seq_len} is longer than the model's "
+                           f"max_context_length {self.spec.max_context_length}")
         self.tokenizer_path = self._find_tokenizer()
 
     def _find_tokenizer(self) -> Path | None:

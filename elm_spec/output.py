@@ -1,0 +1,87 @@
+"""Writing outputs: a failed write (disk full, read-only file system, no permission) becomes one
+error line naming the output, and a file is replaced only once its new content is complete."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from elm_spec.errors import ElmError
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# safetensors' Rust writer reports the OS error only in its message.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write, from an OSError or from a library's own error text."""
+    if isinstance(error, OSError):
+        return error.errno
+    if type(error).__name__ == "SafetensorError":
+        match = _RUST_OS_ERROR.search(str(error))
+        return int(match.group(1)) if match else None
+    if isinstance(error, RuntimeError) and str(error).startswith("[write]"):
+        return errno.EIO  # MLX's writers name no cause; a full disk is the usual one
+    return None
+
+
+def write_failure(destination: str | os.PathLike[str], error: BaseException) -> ElmError | None:
+    """The one-line error for a failed write under DESTINATION, or None if ERROR is not one."""
+    code = _write_errno(error)
+    if code not in WRITE_FAILURES and code != errno.EIO:
+        return None
+    reason = WRITE_FAILURES.get(code, "is the disk full?")
+    return ElmError(f"{destination}: write failed ({reason}); nothing was changed there")
+
+
+@contextlib.contextmanager
+def writing(destination: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, a write that fails for lack of space or permission raises one
+    ElmError naming DESTINATION; other errors pass through unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        failure = write_failure(destination, error)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write TEXT to PATH through a temporary file beside it, renamed into place when complete."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.chmod(temporary, 0o666 & ~current_umask())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
