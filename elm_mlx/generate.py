@@ -192,13 +192,20 @@ def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str |
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     repetition_context_size: int = 20, max_kv_size: int | None = None,
                     seed: int | None = None, prefill_step_size: int = 2048,
-                    matvec: bool | None = None) -> Iterator[GenerationResponse]:
+                    matvec: bool | None = None, prompt_cache: list[Any] | None = None,
+                    draft_model: nn.Module | None = None, num_draft_tokens: int = 3,
+                    kv_bits: int | None = None, kv_group_size: int = 64
+                    ) -> Iterator[GenerationResponse]:
     """Yield mlx-lm `GenerationResponse`s (text segment, token, tokens/s, peak memory) as they come.
 
     A string prompt is encoded with `encode_prompt`; pass token ids to encode otherwise.
     Sampling follows mlx-lm: `temp` 0 is greedy; `top_p`, `top_k`, `min_p` filter before
     sampling; `repetition_penalty` over the last `repetition_context_size` tokens;
-    `max_kv_size` keeps a rotating KV cache of that many tokens.
+    `max_kv_size` keeps a rotating KV cache of that many tokens. `prompt_cache` (mlx-lm's
+    per-layer caches) already holds the tokens before PROMPT and is extended in place;
+    `draft_model` decodes speculatively, `num_draft_tokens` at a time (mlx-lm's
+    `speculative_generate_step`: the same tokens as without it when greedy); `kv_bits`
+    quantizes the KV cache to that many bits (groups of `kv_group_size`).
     """
     if max_tokens < 1:
         raise ElmError(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -210,11 +217,21 @@ def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str |
     sampler = make_sampler(temp, top_p, min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty,
                                         repetition_context_size=repetition_context_size)
-    with matvec_on_cpu(model, matvec):
+    options: dict[str, Any] = {"prompt_cache": prompt_cache, "kv_bits": kv_bits,
+                               "kv_group_size": kv_group_size}
+    if draft_model is not None:
+        if max_kv_size is not None:
+            raise ElmError("--max-kv-size does not combine with --draft-model")
+        options.update(draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    else:
+        options["max_kv_size"] = max_kv_size
+    with contextlib.ExitStack() as stack:
+        for each in (model, draft_model):
+            if each is not None:
+                stack.enter_context(matvec_on_cpu(each, matvec))
         yield from mlx_lm_stream_generate(
             model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler,
-            logits_processors=processors, max_kv_size=max_kv_size,
-            prefill_step_size=prefill_step_size)
+            logits_processors=processors, prefill_step_size=prefill_step_size, **options)
 
 
 def generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int],
