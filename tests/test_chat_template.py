@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
+from chat_support import adapter_dir, random_adapters, with_template
 
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
@@ -14,41 +13,6 @@ from elm_spec.chat_template import chat_template_for
 MODEL_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
 ADAPTER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
                     "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def with_template(model_dir: Path, destination: Path, template: str) -> Path:
-    shutil.copytree(model_dir, destination)
-    config_path = destination / "tokenizer_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
-                                       "chat_template": template}))
-    return destination
-
-
-def adapter_dir(path: Path, template: str | None) -> Path:
-    path.mkdir()
-    (path / "adapter_config.json").write_text(json.dumps({"chat_template": template}))
-    return path
-
-
-def random_adapters(model_dir: Path, path: Path, template: str | None) -> Path:
-    """Untrained LoRA adapters on the last block of MODEL_DIR, recording TEMPLATE."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    import elm_mlx
-
-    model, _ = elm_mlx.load(model_dir)
-    model.freeze()
-    parameters = {"rank": 2, "scale": 1.0, "dropout": 0.0}
-    linear_to_lora_layers(model, 1, parameters)
-    path.mkdir()
-    mx.save_safetensors(str(path / "adapters.safetensors"),
-                        dict(tree_flatten(model.trainable_parameters())))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": 1, "chat_template": template,
-        "lora_parameters": parameters}))
-    return path
 
 
 @pytest.fixture(scope="module")
