@@ -67,7 +67,19 @@ def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | No
     model = load_model(path, lazy=lazy)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
-    return model, read_tokenizer(Path(path), model.spec.eos_token_id)
+    tokenizer = read_tokenizer(Path(path), model.spec.eos_token_id)
+    check_tokenizer_fits(tokenizer, model.spec.vocab_size, Path(path))
+    return model, tokenizer
+
+
+def check_tokenizer_fits(tokenizer: TokenizerWrapper, rows: int, directory: Path) -> None:
+    """Every token id the tokenizer can produce must have an embedding row: MLX does not
+    bounds-check the lookup (garbage, NaN or a crash instead of an error)."""
+    ids = tokenizer.get_vocab().values()
+    count = max(ids) + 1 if ids else 0
+    if count > rows:
+        raise ElmError(f"{directory}: the tokenizer has {count} token ids, more than the model's "
+                       f"{rows} embedding rows (vocab_size in config.json)")
 
 
 def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
