@@ -36,6 +36,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
+from elm_spec.hf_config import reader_notes
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -215,6 +216,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
             quantized = (f", {report.bits_per_weight:.2f} bits per weight" if quant else "")
             report.say(f"{dst}: {kind} directory, {DTYPE_NAMES[code]}{quantized}, "
                        f"{total / 1e6:,.1f} MB in {len(writer.shards)} file(s)")
+            for note in reader_notes(spec, dst):
+                report.say(note)
             if options.verify:
                 _verify_model_dir(source, staging, dst, code, options, report)
     except OSError as error:

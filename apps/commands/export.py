@@ -17,7 +17,13 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Replace an existing DESTINATION."),
     ) -> None:
         """Write consolidated safetensors, config.json and tokenizer files from a checkpoint."""
+        from elm_spec.hf_config import reader_notes
+        from elm_spec.modeldir import read_config, read_spec
         from elm_train.export import export_checkpoint
 
         written = export_checkpoint(checkpoint, destination, dtype=dtype, force=force)
         typer.echo(f"{written}")
+        config = written / "config.json"
+        if config.is_file() and read_config(written).get("model_type") == "openelm":
+            for note in reader_notes(read_spec(written), written):
+                typer.echo(note)
