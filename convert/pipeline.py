@@ -28,6 +28,8 @@ from convert.safetensors_io import PlannedTensor, ShardedWriter
 from convert.sources import ShapeOptions, Source, cut_rows, open_source
 from convert.tensors import DTYPE_NAMES, Tensor, dtype_code, from_mlx, from_torch, to_mlx
 from elm_spec import ElmError
+from elm_spec.hf_config import reader_notes
+from elm_spec.hub import LLAMA2_TOKENIZER_ADVICE
 from elm_spec.modeldir import (
     CONFIG_FILE,
     MAX_SHARD_BYTES,
@@ -36,7 +38,6 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
-from elm_spec.hf_config import reader_notes
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -126,8 +127,8 @@ def _output_dtype(source: Source, requested: str | None, report: ConvertReport) 
 
 def _require_tokenizer(source: Source) -> Path:
     if source.tokenizer is None:
-        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); pass --tokenizer "
-                       "FILE with the SentencePiece model the output must carry")
+        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); "
+                       f"{LLAMA2_TOKENIZER_ADVICE}")
     pieces = Tokenizer(source.tokenizer).vocab_size
     if pieces > source.spec.vocab_size:
         raise ElmError(f"{source.tokenizer}: has {pieces} pieces, more than the model's "

@@ -13,6 +13,7 @@ from mlx_lm.utils import load_tokenizer
 
 from elm_mlx.model import Model
 from elm_spec import ElmError, ModelSpec
+from elm_spec.hub import resolve
 from elm_spec.modeldir import check_tensors, read_config, read_spec, require_model_dir
 from elm_spec.tokenizer import require_tokenizer
 
@@ -30,8 +31,8 @@ def _model_classes(config: dict[str, Any]) -> tuple[type[nn.Module], type]:
 
 
 def load_model(path: str | os.PathLike[str], lazy: bool = False) -> Model:
-    """The MLX twin of a model directory; quantized weights are loaded quantized."""
-    directory = Path(path)
+    """The MLX twin of a model directory (or Hub repo); quantized weights are loaded quantized."""
+    directory = resolve(path)
     read_spec(directory)
     config = read_config(directory)
     check_tensors(directory, ModelSpec.from_config(config), config.get("quantization"))
@@ -45,7 +46,7 @@ def load_model(path: str | os.PathLike[str], lazy: bool = False) -> Model:
 def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
     from mlx_lm.utils import load_adapters as mlx_lm_load_adapters
 
-    directory = Path(adapter_path)
+    directory = resolve(adapter_path)
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (directory / name).is_file():
             raise ElmError(f"{directory}: no {name} (not an adapter directory)")
@@ -61,7 +62,8 @@ def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
 
 def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | None = None,
          lazy: bool = False) -> tuple[Model, TokenizerWrapper]:
-    """`(model, tokenizer)` for a model directory, as `mlx_lm.load` returns them."""
+    """`(model, tokenizer)` for a model directory or Hub repo, as `mlx_lm.load` returns them."""
+    path = resolve(path)
     require_model_dir(path)
     require_tokenizer(path)
     model = load_model(path, lazy=lazy)

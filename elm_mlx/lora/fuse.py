@@ -14,6 +14,7 @@ from elm_mlx.loading import load_adapters, load_model
 from elm_mlx.lora.adapters import ADAPTER_CONFIG
 from elm_mlx.save import save_mlx_model_dir
 from elm_spec import ElmError
+from elm_spec.hub import resolve
 from elm_spec.modeldir import read_config, read_json
 from elm_spec.tokenizer import TOKENIZER_CONFIG_FILE, require_tokenizer
 
@@ -40,7 +41,7 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
          dtype: str | None = None, force: bool = False) -> Path:
     """Write the fused model: an MLX model directory, or with EXPORT the interchange format
     (unquantized, DTYPE float32 by default) that elm_train.load_model reads."""
-    source = Path(model_dir)
+    source, adapter_path = resolve(model_dir), resolve(adapter_path)
     require_tokenizer(source)
     config = read_config(source)
     model = fused_model(source, adapter_path, dequantize=dequantize or export)
