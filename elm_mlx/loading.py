@@ -13,6 +13,7 @@ from mlx_lm.utils import load_tokenizer
 
 from elm_mlx.model import Model
 from elm_spec import ElmError, ModelSpec
+from elm_spec.chat_template import chat_template_for
 from elm_spec.hub import resolve
 from elm_spec.modeldir import check_tensors, read_config, read_spec, require_model_dir
 from elm_spec.tokenizer import require_tokenizer
@@ -61,15 +62,29 @@ def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
 
 
 def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | None = None,
-         lazy: bool = False) -> tuple[Model, TokenizerWrapper]:
-    """`(model, tokenizer)` for a model directory or Hub repo, as `mlx_lm.load` returns them."""
+         lazy: bool = False, chat_template: str | None = None) -> tuple[Model, TokenizerWrapper]:
+    """`(model, tokenizer)` for a model directory or Hub repo, as `mlx_lm.load` returns them.
+
+    The tokenizer's chat template follows `elm_spec.chat_template`'s rule: CHAT_TEMPLATE (a
+    file, or "none") if given, else the adapters' recorded template, else the model's own.
+    """
     path = resolve(path)
+    adapter_path = resolve(adapter_path) if adapter_path is not None else None
     require_model_dir(path)
     require_tokenizer(path)
+    template = chat_template_for(path, adapter_path, chat_template)
     model = load_model(path, lazy=lazy)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
-    return model, read_tokenizer(Path(path), model.spec.eos_token_id)
+    tokenizer = read_tokenizer(Path(path), model.spec.eos_token_id)
+    set_chat_template(tokenizer, template)
+    return model, tokenizer
+
+
+def set_chat_template(tokenizer: TokenizerWrapper, template: str | None) -> None:
+    """Make TEMPLATE (None: no template) the one `tokenizer.apply_chat_template` renders."""
+    tokenizer._tokenizer.chat_template = template
+    tokenizer.has_chat_template = template is not None
 
 
 def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
