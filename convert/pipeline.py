@@ -193,6 +193,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
     if code == "F16":
         _warn_float16_range(source, report)
     config = spec.to_config(torch_dtype=DTYPE_NAMES[code])
+    if options.target == "mlx":
+        config.pop("auto_map")  # MLX output: no remote-code prompt (elm_spec.hf_config)
     if quant:
         config["quantization"] = quantization_config(quant, options.q_bits, options.q_group_size)
         config["quantization_config"] = config["quantization"]

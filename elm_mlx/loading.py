@@ -88,14 +88,16 @@ def set_chat_template(tokenizer: TokenizerWrapper, template: str | None) -> None
 
 
 def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
-    """mlx-lm's tokenizer for DIRECTORY. transformers reads config.json to pick a tokenizer
-    class and warns that `openelm` is not a model type it knows (HF's OpenELM is remote code);
-    the tokenizer class comes from tokenizer_config.json, so that warning is silenced here."""
+    """mlx-lm's tokenizer for DIRECTORY. transformers 5 reads config.json to pick a tokenizer
+    class; its `auto_map` names Apple's remote code, which a tokenizer never needs, so remote
+    code is declined up front (otherwise transformers asks on the terminal) and the warning that
+    `openelm` is not a model type it knows is silenced: the class comes from
+    tokenizer_config.json."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load_tokenizer(directory, eos_token_ids=eos_token_id)
+        return load_tokenizer(directory, {"trust_remote_code": False}, eos_token_ids=eos_token_id)
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -5,8 +5,10 @@ The written config carries the expanded per-layer lists (`ffn_multipliers`, `num
 transformers 4.x ties an untied `lm_head` to the embedding in Apple's code), `use_cache`,
 `max_position_embeddings` (the window lm-eval's `hf` model uses) and an `auto_map` naming
 Apple's remote code, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-builds the model where the Hub is reachable. `apple_reader_mismatch` says when Apple's reader
-would build other shapes than the spec's.
+builds the model where the Hub is reachable. MLX directories (`elm convert` to MLX, `elm fuse`
+without `--export`) leave `auto_map` out: under transformers 5, `AutoTokenizer` (and so
+`mlx_lm.load`) reads config.json and, finding remote code, asks on the terminal whether to run
+it. `apple_reader_mismatch` says when Apple's reader would build other shapes than the spec's.
 """
 
 from __future__ import annotations

@@ -80,6 +80,10 @@ def test_convert_says_which_readers_cannot_load_the_output(make_model_dir, tmp_p
     assert notes == reader_notes(read_config_spec(tmp_path / "out"), tmp_path / "out")
     assert len(notes) == 2 and "rms_norm_eps 1e-05" in notes[0]
     assert read_config(tmp_path / "out")["tie_word_embeddings"] is True
+    assert read_config(tmp_path / "out")["auto_map"] == AUTO_MAP
+    # MLX directories leave the remote code out (transformers 5 would offer to run it)
+    convert(source, tmp_path / "mlx", ConvertOptions(target="mlx", progress=False))
+    assert "auto_map" not in read_config(tmp_path / "mlx")
 
 
 def read_config_spec(directory):

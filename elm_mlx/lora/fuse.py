@@ -58,6 +58,8 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
         config["torch_dtype"] = name
     if export:
         config = model.spec.to_config(torch_dtype=config["torch_dtype"])
+    else:
+        config.pop("auto_map", None)  # an MLX directory: see elm_spec.hf_config
     # The fused tokenizer carries the template the adapted model answers in (the adapters'
     # recorded one first), so the fused model is prompted as `generate --adapter-path` was.
     return save_mlx_model_dir(model, config, source, save_path, force=force,
