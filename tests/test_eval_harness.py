@@ -108,6 +108,14 @@ def _run_harness(backend: str, model_dir: Path, yamls: Path, names: list[str], o
     return json.loads(results_file.read_text())["results"], samples
 
 
+def hf_bits_per_byte(model, documents: list[str]) -> float:
+    """Bits per byte as lm-eval's `hf` model scores rolling documents by default: BOS, then the
+    document, each token conditioned on what precedes it after a BOS prefix."""
+    scores = model.loglikelihood_rolling([model.tokenizer.encode(d, bos=True) for d in documents],
+                                         model.tokenizer.bos_id)
+    return -sum(s.logprob for s in scores) / math.log(2) / sum(len(d.encode()) for d in documents)
+
+
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, monkeypatch):
     model_dir, data, yamls, texts, _ = harness_setup
@@ -128,9 +136,7 @@ def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, 
     # Rolling log-likelihood: lm-eval's `hf` convention (BOS, then the document, scored after a
     # BOS prefix), in bits per byte of the whole text.
     documents = read_documents([texts])
-    scores = ours.loglikelihood_rolling([ours.tokenizer.encode(d, bos=True) for d in documents],
-                                        ours.tokenizer.bos_id)
-    expected = -sum(s.logprob for s in scores) / math.log(2) / sum(len(d.encode()) for d in documents)
+    expected = hf_bits_per_byte(ours, documents)
     assert results["local_rolling"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-5)
     assert expected != pytest.approx(evaluate_perplexity(ours, documents)["bits_per_byte"], rel=1e-5)
 
@@ -172,8 +178,7 @@ def test_bare_lm_eval_command_finds_the_elm_model(harness_setup, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (results_file,) = output.rglob("results_*.json")
     got = json.loads(results_file.read_text())["results"]["local_rolling"]["bits_per_byte,none"]
-    expected = evaluate_perplexity(load_eval_model(model_dir, backend="mlx"),
-                                   read_documents([texts]))["bits_per_byte"]
+    expected = hf_bits_per_byte(load_eval_model(model_dir, backend="mlx"), read_documents([texts]))
     assert got == pytest.approx(expected, rel=1e-5)
 
 
