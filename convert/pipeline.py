@@ -28,6 +28,8 @@ from convert.safetensors_io import PlannedTensor, ShardedWriter
 from convert.sources import ShapeOptions, Source, cut_rows, open_source
 from convert.tensors import DTYPE_NAMES, Tensor, dtype_code, from_mlx, from_torch, to_mlx
 from elm_spec import ElmError
+from elm_spec.hf_config import reader_notes
+from elm_spec.hub import LLAMA2_TOKENIZER_ADVICE
 from elm_spec.modeldir import (
     CONFIG_FILE,
     MAX_SHARD_BYTES,
@@ -127,8 +129,8 @@ def _output_dtype(source: Source, requested: str | None, report: ConvertReport) 
 
 def _require_tokenizer(source: Source) -> Path:
     if source.tokenizer is None:
-        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); pass --tokenizer "
-                       "FILE with the SentencePiece model the output must carry")
+        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); "
+                       f"{LLAMA2_TOKENIZER_ADVICE}")
     pieces = Tokenizer(source.tokenizer).vocab_size
     if pieces > source.spec.vocab_size:
         raise ElmError(f"{source.tokenizer}: has {pieces} pieces, more than the model's "
@@ -193,6 +195,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
     if code == "F16":
         _warn_float16_range(source, report)
     config = spec.to_config(torch_dtype=DTYPE_NAMES[code])
+    if options.target == "mlx":
+        config.pop("auto_map")  # MLX output: no remote-code prompt (elm_spec.hf_config)
     if quant:
         config["quantization"] = quantization_config(quant, options.q_bits, options.q_group_size)
         config["quantization_config"] = config["quantization"]
@@ -217,6 +221,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
             quantized = (f", {report.bits_per_weight:.2f} bits per weight" if quant else "")
             report.say(f"{dst}: {kind} directory, {DTYPE_NAMES[code]}{quantized}, "
                        f"{total / 1e6:,.1f} MB in {len(writer.shards)} file(s)")
+            for note in reader_notes(spec, dst):
+                report.say(note)
             if options.verify:
                 _verify_model_dir(source, staging, dst, code, options, report)
     except OSError as error:

@@ -151,27 +151,40 @@ def matvec_on_cpu(model: nn.Module, enabled: bool | None = None,
         model.update_modules(tree_unflatten([(name, old) for name, old, _ in replacements]))
 
 
+NO_TEMPLATE_ADVICE = ("this model has no chat template (neither its adapter_config.json nor its "
+                      "tokenizer_config.json records one); give one with --chat-template FILE")
+
+
+def encode_messages(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, ready for the assistant turn.
+
+    Rendered and encoded apart, with the template's own special tokens, exactly as `elm
+    finetune` renders the prompt part of its chat rows.
+    """
+    if not tokenizer.has_chat_template:
+        raise ElmError(NO_TEMPLATE_ADVICE)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def encode_prompt(tokenizer: TokenizerWrapper, text: str, use_chat_template: bool | None = None,
                   system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt, as `mlx_lm.generate` encodes them.
 
-    With the tokenizer's chat template (by default whenever the tokenizer has one) the text is
-    the user turn and the template adds its own special tokens; otherwise the text is encoded
-    as is, with the tokenizer's BOS.
+    With the chat template (by default whenever the tokenizer has one; `elm_mlx.load` picks
+    it) the text is the user turn and the template adds its own special tokens; otherwise the
+    text is encoded as is, with the tokenizer's BOS.
     """
     if use_chat_template is None:
         use_chat_template = bool(tokenizer.has_chat_template)
     if use_chat_template:
-        if not tokenizer.has_chat_template:
-            raise ElmError("this model's tokenizer has no chat template (tokenizer_config.json "
-                           "has no 'chat_template'); generate without --chat")
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": text})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=not use_chat_template)
+        ids = encode_messages(tokenizer, [*messages, {"role": "user", "content": text}])
+    else:
+        ids = list(tokenizer.encode(text, add_special_tokens=True))
     if not ids:
         raise ElmError("the prompt is empty")
-    return list(ids)
+    return ids
 
 
 def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int], *,
