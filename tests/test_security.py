@@ -53,7 +53,8 @@ def run_copy(trained: Path, tmp_path: Path) -> Path:
 
 
 def one_line_failure(result, *mentions: str) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    """One `error:` line (a command's own progress notes may precede it), no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode != 0, result.stdout + result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for text in mentions:

@@ -1,0 +1,154 @@
+"""Work is never lost: one writer per output, interrupted replacements recovered, leftovers of
+dead runs cleaned, damaged checkpoints skipped (docs/security.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_elm
+from tests.test_security import one_line_failure, run_copy, trained  # noqa: F401  (fixtures)
+from tests.test_train_fixtures import (
+    THREAD_ENV,
+    token_data_fixture,  # noqa: F401  (the token_data fixture)
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def hold_lock(output: Path) -> subprocess.Popen:
+    """Another process holding OUTPUT's lock until its stdin closes; returns once it holds it."""
+    code = ("import sys; from elm_spec.outputs import output_lock\n"
+            f"with output_lock({str(output)!r}):\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_in_one_line(make_model_dir, tmp_path: Path) -> None:
+    source = make_model_dir()
+    dst = tmp_path / "out"
+    assert run_elm("convert", str(source), str(dst)).returncode == 0
+    before = digest(dst)
+    holder = hold_lock(dst)
+    try:
+        result = run_elm("convert", str(source), str(dst), "--force", "-q")
+        one_line_failure(result, str(dst), f"in use by another elm process (pid {holder.pid})")
+        assert digest(dst) == before
+    finally:
+        holder.communicate("")
+    # Once the holder is gone the lock is free again, and nothing of it is left behind.
+    assert run_elm("convert", str(source), str(dst), "--force", "-q").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> None:  # noqa: F811
+    checkpoints = run_copy / "checkpoints"
+    before = digest(checkpoints)
+    holder = hold_lock(checkpoints)
+    try:
+        result = run_elm("train", str(run_copy / "train.yaml"), "train.max_steps=6", env=THREAD_ENV)
+        one_line_failure(result, str(checkpoints), "in use by another elm process")
+    finally:
+        holder.communicate("")
+    assert digest(checkpoints) == before
+
+
+@pytest.mark.slow
+def test_force_killed_between_renames_is_recovered(make_model_dir, tmp_path: Path) -> None:
+    source, other = make_model_dir(seed=0), make_model_dir(seed=1)
+    dst = tmp_path / "out"
+    assert run_elm("convert", str(source), str(dst), "-q").returncode == 0
+    before = digest(dst)
+    killed = run_elm("convert", str(other), str(dst), "--force", "-q",
+                     env={"ELM_CRASH_AT": "replace-dir"})
+    assert killed.returncode == -9
+    assert not dst.exists() and list(tmp_path.glob(".out.old-*"))  # the window the kill hit
+    result = run_elm("convert", str(source), str(dst), "-q")
+    assert "restored the previous copy" in result.stdout + result.stderr
+    one_line_failure(result, "already exists")  # no --force: the restored copy is kept
+    assert digest(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging and backup cleaned
+
+
+@pytest.mark.slow
+def test_leftovers_of_dead_runs_are_cleaned(make_model_dir, tmp_path: Path) -> None:
+    source = make_model_dir()
+    for leftover in (".out.tmp-k1ll3d", ".out.tmp-4242"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / ".out.lock").write_text("4242\n")  # the lock file of a killed holder
+    result = run_elm("convert", str(source), str(tmp_path / "out"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("relation", ["same", "symlink", "inside", "holds"])
+def test_destination_overlapping_the_source_is_refused(make_model_dir, tmp_path: Path,
+                                                       relation: str) -> None:
+    from convert import ConvertOptions, convert
+    from elm_spec import ElmError
+
+    model = tmp_path / "model"
+    shutil.copytree(make_model_dir(), model)
+    before = digest(model)
+    (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    destination = {"same": model, "symlink": tmp_path / "link", "inside": model / "q4",
+                   "holds": tmp_path}[relation]
+    with pytest.raises(ElmError, match="write the output elsewhere"):
+        convert(model, destination, ConvertOptions(quantize=True, force=True, progress=False))
+    assert digest(model) == before
+
+
+def test_resume_false_refuses_an_earlier_runs_checkpoints(run_copy: Path) -> None:  # noqa: F811
+    from elm_spec import ElmError
+    from tests.test_train_fixtures import train_in_process
+
+    before = digest(run_copy / "checkpoints")
+    with pytest.raises(ElmError) as error:
+        train_in_process(run_copy / "train.yaml", "checkpoint.resume=false", "train.max_steps=2")
+    assert str(error.value) == (
+        f"{run_copy / 'checkpoints'}: holds checkpoints of an earlier run (newest step-4) and "
+        "checkpoint.resume is false; set checkpoint.resume=true to continue it, or choose an "
+        "empty checkpoint.dir (nothing was deleted)")
+    assert digest(run_copy / "checkpoints") == before
+
+
+@pytest.mark.parametrize("damage", ["truncated-distcp", "bad-trainer-json", "bad-rank-file"])
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, damage: str,  # noqa: F811
+                                                               capsys) -> None:
+    from tests.test_train_fixtures import train_in_process
+
+    step_dir = run_copy / "checkpoints" / "step-4"
+    if damage == "truncated-distcp":
+        shard = max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "bad-trainer-json":
+        (step_dir / "trainer.json").write_text('{"step": 4, "sched')
+    else:
+        (step_dir / "rank-00000.pt").write_bytes(b"PK\x03\x04 not a zip")
+    result = train_in_process(run_copy / "train.yaml", "train.max_steps=3")
+    assert result.step == 3
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-4" in warnings[0] and "damaged" in warnings[0], captured.err
+    assert "resumed from" in captured.out and "step-2 (step 2)" in captured.out
+    assert (run_copy / "checkpoints" / "step-4.damaged").is_dir()
+    assert json.loads((run_copy / "checkpoints" / "step-3" / "trainer.json").read_text())["step"] == 3
