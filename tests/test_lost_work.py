@@ -152,3 +152,38 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, 
     assert "resumed from" in captured.out and "step-2 (step 2)" in captured.out
     assert (run_copy / "checkpoints" / "step-4.damaged").is_dir()
     assert json.loads((run_copy / "checkpoints" / "step-3" / "trainer.json").read_text())["step"] == 3
+
+
+def process_group_members(group: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_data_prepare_workers_exit_when_the_parent_is_killed(tokenizer_dir: Path,
+                                                             tmp_path: Path) -> None:
+    import time
+
+    from tests.conftest import stdlib_files
+
+    # The parent SIGKILLs itself after its first result, with both workers alive and idle.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apps", "data", "prepare", *map(str, stdlib_files(6)),
+         "--format", "txt", "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "data"),
+         "--workers", "2"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "ELM_CRASH_AT": "data-prepare"},
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.wait(timeout=120) == -9, process.stderr.read()
+    deadline = time.monotonic() + 20
+    while process_group_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_group_members(process.pid) == []
+    assert not (tmp_path / "data").exists()
