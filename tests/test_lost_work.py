@@ -187,3 +187,62 @@ def test_data_prepare_workers_exit_when_the_parent_is_killed(tokenizer_dir: Path
         time.sleep(0.05)
     assert process_group_members(process.pid) == []
     assert not (tmp_path / "data").exists()
+
+
+def lora_args(model: Path, data: Path, adapters: Path) -> list[str]:
+    return ["finetune", "--lora", "--model", str(model), "--data", str(data), "--adapter-path",
+            str(adapters), "--iters", "4", "--batch-size", "2", "--save-every", "2",
+            "--steps-per-eval", "4", "--max-seq-length", "32", "--rank", "2"]
+
+
+@pytest.fixture
+def lora_data(tmp_path: Path) -> Path:
+    from tests.lora_support import text_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(16, seed=1))
+    write_jsonl(tmp_path / "data" / "valid.jsonl", text_rows(4, seed=2))
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_finetune_killed_in_its_first_checkpoint_resumes(make_model_dir, lora_data: Path,
+                                                         tmp_path: Path) -> None:
+    model, adapters = make_model_dir(), tmp_path / "adapters"
+    killed = run_elm(*lora_args(model, lora_data, adapters),
+                     env={"ELM_CRASH_AT": "finetune-checkpoint"})
+    assert killed.returncode == -9, killed.stderr
+    assert not (adapters / "adapters.safetensors").exists()  # the window: checkpoint, no adapters
+    assert [p.name for p in (adapters / "checkpoints").iterdir()] == ["step-0000002"]
+    assert oct((adapters / "checkpoints" / "step-0000002").stat().st_mode & 0o777) == oct(
+        0o777 & ~current_umask())
+    resumed = run_elm(*lora_args(model, lora_data, adapters), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
+    assert (adapters / "adapters.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_second_finetune_on_one_adapter_path_is_refused(make_model_dir, lora_data: Path,
+                                                        tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    holder = hold_lock(adapters)
+    try:
+        result = run_elm(*lora_args(make_model_dir(), lora_data, adapters))
+        one_line_failure(result, str(adapters), f"in use by another elm process (pid {holder.pid})")
+    finally:
+        holder.communicate("")
+    assert not adapters.exists()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_model_files_get_the_umask_permissions(make_model_dir) -> None:
+    model = make_model_dir()
+    mask = current_umask()
+    assert model.stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in model.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file.name
