@@ -38,6 +38,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
+from elm_spec.outputs import refuse_overlap
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -81,6 +82,7 @@ class ConvertReport:
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertReport:
     src, dst = Path(src), Path(dst)
+    refuse_overlap(src, dst)
     catlip = _catlip_converter(src)
     if catlip is not None:
         catlip(src, dst, options.force)
