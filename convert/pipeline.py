@@ -38,6 +38,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
+from elm_spec.outputs import refuse_overlap
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -46,7 +47,7 @@ from elm_spec.tokenizer import (
     write_tokenizer_files,
 )
 
-TARGETS = ("mlx", "torch", "corenet")
+TARGETS = ("mlx", "torch", "corenet", "gguf")
 LARGE_MODEL_PARAMETERS = 2_500_000_000  # "3B-class": CoreNet's notes say these need bf16
 
 
@@ -64,6 +65,7 @@ class ConvertOptions:
     force: bool = False
     progress: bool = True
     max_shard_bytes: int = MAX_SHARD_BYTES
+    outtype: str | None = None  # GGUF tensor type (--to gguf): f32, f16, bf16 or q8_0
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ConvertReport:
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertReport:
     src, dst = Path(src), Path(dst)
+    refuse_overlap(src, dst)
     catlip = _catlip_converter(src)
     if catlip is not None:
         catlip(src, dst, options.force)
@@ -95,9 +98,20 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> Conver
     padded_rows, shape = None, options.shape
     if options.target == "corenet":  # --vocab-size pads the written embedding instead
         padded_rows, shape = shape.vocab_size, dataclasses.replace(shape, vocab_size=None)
+    if options.outtype is not None and options.target != "gguf":
+        raise ElmError("--outtype applies to --to gguf; use --dtype or --quantize for other targets")
     source = open_source(src, options.source_kind, shape)
     report = ConvertReport(dst)
     report.say(source.describe())
+    if options.target == "gguf":
+        from convert.gguf_writer import write_gguf
+
+        if options.dtype is not None or options.verify:
+            raise ElmError("--to gguf takes --outtype (f32, f16, bf16, q8_0), not --dtype or --verify")
+        for line in write_gguf(source, dst, options.outtype or "f16", options.force,
+                               options.progress):
+            report.say(line)
+        return report
     code = _output_dtype(source, options.dtype, report)
     if options.target == "corenet":
         _write_corenet(source, dst, code, padded_rows, options, report)

@@ -77,6 +77,7 @@ def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | No
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     tokenizer = read_tokenizer(Path(path), model.spec.eos_token_id)
+    check_tokenizer_fits(tokenizer, model.spec.vocab_size, Path(path))
     set_chat_template(tokenizer, template)
     return model, tokenizer
 
@@ -85,6 +86,16 @@ def set_chat_template(tokenizer: TokenizerWrapper, template: str | None) -> None
     """Make TEMPLATE (None: no template) the one `tokenizer.apply_chat_template` renders."""
     tokenizer._tokenizer.chat_template = template
     tokenizer.has_chat_template = template is not None
+
+
+def check_tokenizer_fits(tokenizer: TokenizerWrapper, rows: int, directory: Path) -> None:
+    """Every token id the tokenizer can produce must have an embedding row: MLX does not
+    bounds-check the lookup (garbage, NaN or a crash instead of an error)."""
+    ids = tokenizer.get_vocab().values()
+    count = max(ids) + 1 if ids else 0
+    if count > rows:
+        raise ElmError(f"{directory}: the tokenizer has {count} token ids, more than the model's "
+                       f"{rows} embedding rows (vocab_size in config.json)")
 
 
 def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:

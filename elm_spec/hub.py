@@ -142,11 +142,11 @@ def model_card(repo_id: str, base_model: str | None, kind: str,
     how the files were made (the command line), with --verify figures when there are any."""
     import yaml
 
-    tags = ["elm", "openelm", *(["mlx"] if kind in ("mlx", "adapters") else [])]
+    library = {"mlx": "mlx", "adapters": "mlx", "gguf": "gguf"}.get(kind, "transformers")
+    tags = ["elm", "openelm", *([library] if library != "transformers" else [])]
     if kind == "adapters":
         tags.append("lora")
-    meta: dict[str, object] = {"library_name": "mlx" if kind in ("mlx", "adapters") else "transformers",
-                               "license": license, "tags": tags}
+    meta: dict[str, object] = {"library_name": library, "license": license, "tags": tags}
     if base_model:
         meta["base_model"] = base_model
     command = shlex.join(["elm", *sys.argv[1:]])
@@ -159,15 +159,23 @@ def model_card(repo_id: str, base_model: str | None, kind: str,
     return "\n".join(lines)
 
 
-def publish(folder: str | os.PathLike[str], repo_id: str, card: str, private: bool = False) -> str:
-    """Create REPO_ID on the Hub (if needed) and upload FOLDER with CARD as its README.md."""
-    from huggingface_hub import HfApi
+def publish(output: str | os.PathLike[str], repo_id: str, card: str, private: bool = False) -> str:
+    """Create REPO_ID on the Hub (if needed) and upload OUTPUT (a directory, or one file such as
+    a GGUF) with CARD as its README.md, in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    folder = Path(folder)
-    (folder / "README.md").write_text(card)
+    output = Path(output)
     api = HfApi()
     with hub_errors(repo_id):
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 commit_message=f"Upload {folder.name} with elm")
+        message = f"Upload {output.name} with elm"
+        if output.is_dir():
+            (output / "README.md").write_text(card)
+            info = api.upload_folder(folder_path=str(output), repo_id=repo_id, repo_type="model",
+                                     commit_message=message)
+        else:
+            info = api.create_commit(repo_id, [
+                CommitOperationAdd(path_in_repo=output.name, path_or_fileobj=str(output)),
+                CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())],
+                commit_message=message, repo_type="model")
     return str(getattr(info, "commit_url", None) or info)

@@ -21,7 +21,7 @@ from torch import nn
 
 from elm_spec import ElmError
 from elm_train import parallel
-from elm_train.checkpoint import Checkpointer
+from elm_train.checkpoint import Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from elm_train.tasks import task_class
@@ -102,7 +102,8 @@ class StopRequest:
 def train(config: Config) -> TrainResult:
     ctx = parallel.init_distributed(config.train.device)
     try:
-        return _train(config, ctx)
+        with checkpoint_lock(config.checkpoint.dir, ctx):
+            return _train(config, ctx)
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
@@ -151,10 +152,12 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     checkpointer = (Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep)
                     if config.checkpoint.dir else None)
     start_step = 0
-    if checkpointer is not None and config.checkpoint.resume:
-        latest = checkpointer.latest()
-        if latest is not None:
-            start_step = checkpointer.load(latest, model, optimizer, scheduler, loader)
+    if checkpointer is not None and not config.checkpoint.resume:
+        checkpointer.refuse_earlier_run()
+    elif checkpointer is not None:
+        resumed = checkpointer.resume(model, optimizer, scheduler, loader)
+        if resumed is not None:
+            start_step, latest = resumed
             if ctx.is_main:
                 print(f"resumed from {latest} (step {start_step})", flush=True)
 

@@ -147,6 +147,14 @@ def test_apple_repo_with_a_tokenizer_repo_converts_and_publishes(hub, tmp_path):
     assert "elm convert apple-like/OpenELM-tiny" in card
     assert "POST /api/repos/create" in hub.requests
 
+    # One file (a GGUF) goes up with its card in one commit.
+    result = run_elm("convert", str(hub.source), str(tmp_path / "tiny.gguf"), "--to", "gguf",
+                     "--outtype", "q8_0", "--upload-repo", "elm-test/tiny-gguf", env=env)
+    assert result.returncode == 0, result.stderr
+    published = hub.repos["elm-test/tiny-gguf"].files
+    assert published["tiny.gguf"] == (tmp_path / "tiny.gguf").read_bytes()
+    assert "library_name: gguf" in published["README.md"].decode()
+
     # Without a token the Hub refuses the upload: one line, and the output stays on disk.
     result = run_elm("convert", str(out), str(tmp_path / "again"), "--to", "torch",
                      "--upload-repo", "elm-test/other", env=hub_env(hub, home))

@@ -17,7 +17,10 @@ def register(app: typer.Typer) -> None:
         from_format: str = typer.Option(None, "--from", help="Source format: hf, mlx, corenet or "
                                                              "checkpoint (default: detected)."),
         to: str = typer.Option("mlx", "--to", help="mlx (MLX directory), torch (model directory, "
-                                                   "dequantized) or corenet (.pt state dict)."),
+                                                   "dequantized), corenet (.pt state dict) or gguf "
+                                                   "(llama.cpp file)."),
+        outtype: str = typer.Option(None, "--outtype", help="GGUF tensor type: f32, f16 (default), "
+                                    "bf16 or q8_0."),
         dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the "
                                                         "source's; bfloat16 for 3B-class models)."),
         quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize (affine)."),
@@ -51,12 +54,11 @@ def register(app: typer.Typer) -> None:
                              tokenizer=tokenizer_path)
         options = ConvertOptions(source_kind=from_format, target=to, dtype=dtype, quantize=quantize,
                                  q_bits=q_bits, q_group_size=q_group_size, q_recipe=q_recipe,
-                                 shape=shape, verify=verify, force=force)
+                                 shape=shape, verify=verify, force=force, outtype=outtype)
         report = convert(source_path, destination, options)
         if upload_repo is not None:
             from elm_spec.hub import model_card, publish
 
-            kind = "mlx" if to == "mlx" else to
-            card = model_card(upload_repo, source if source != str(source_path) else None, kind,
+            card = model_card(upload_repo, source if source != str(source_path) else None, to,
                               report.verify.figures() if report.verify is not None else None)
             typer.echo(f"uploaded {destination} to {publish(destination, upload_repo, card)}")
