@@ -41,6 +41,7 @@ from elm_train.data.sources import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
     ReadOptions,
+    SourceFile,
     expand_sources,
     plan_chunks,
     read_chunk,
@@ -291,14 +292,25 @@ def prepare_data(sources: Sequence[str | os.PathLike[str]], tokenizer: str | os.
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
     files = expand_sources(sources, options.source_format)
+    chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
+    return write_prepared(tokenize_in_order(chunks, tok.path, options), tok, files, output,
+                          options, force=force, show_progress=show_progress)
+
+
+def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequence[SourceFile],
+                   output: str | os.PathLike[str], options: PrepareOptions, force: bool = False,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Write chunk RESULTS (in corpus order) as shards, tokenizer files and index.json into OUTPUT.
+
+    Shared by every backend, so that the same results give the same bytes.
+    """
     dtype = token_dtype(tok.vocab_size)
     totals: Counter = Counter()
     with atomic_output_dir(output, force=force) as staging:
         writer = ShardWriter(staging, dtype, options.shard_tokens)
         total_bytes = sum(f.path.stat().st_size for f in files)
-        chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
         with _progress_bar(total_bytes, show_progress) as advance:
-            for result in tokenize_in_order(chunks, tok.path, options):
+            for result in results:
                 writer.write("train", result.train)
                 writer.write("valid", result.valid)
                 totals.update(result.counts)
