@@ -15,6 +15,7 @@ from elm_train.data.distributed import (
     slurm_executor,
     slurm_launch_script,
 )
+from elm_train.data.format import read_index
 from elm_train.data.prepare import PrepareOptions, prepare_data
 from tests.conftest import run_elm
 from tests.test_data_cli import NO_REEXEC, assert_one_error_line
@@ -126,6 +127,11 @@ def test_cli_datatrove_backend_writes_the_local_backends_bytes(corpus, tokenizer
     assert_same_files(tmp_path / "local", tmp_path / "dt")
     assert result.stdout.splitlines()[-1].split(":", 1)[1] == local.stdout.splitlines()[-1].split(":", 1)[1]
     assert (tmp_path / "dt.work" / "run.json").is_file()
+    stats = read_index(tmp_path / "dt").stats
+    tokens = stats["tokens"]["train"] + stats["tokens"]["valid"]
+    summary = [line for line in result.stderr.splitlines() if line.startswith("3 tasks: ")]
+    assert summary and (f"{stats['documents_read']:,} documents" in summary[0]
+                        and f"{tokens:,} tokens in" in summary[0]), result.stderr
 
 
 def test_cli_unknown_backend_is_one_line(tokenizer_dir, tmp_path):

@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -67,7 +70,8 @@ def save_part(path: Path, result: ChunkResult) -> None:
     with temporary.open("wb") as handle:
         np.savez(handle, train=result.train, valid=result.valid,
                  counts=np.frombuffer(json.dumps(dict(result.counts)).encode(), dtype=np.uint8),
-                 source_bytes=np.int64(result.source_bytes))
+                 source_bytes=np.int64(result.source_bytes),
+                 tokens=np.int64(result.train.size + result.valid.size))
     os.replace(temporary, path)
 
 
@@ -75,6 +79,69 @@ def load_part(path: Path) -> ChunkResult:
     with np.load(path) as part:
         return ChunkResult(part["train"], part["valid"],
                            Counter(json.loads(part["counts"].tobytes())), int(part["source_bytes"]))
+
+
+def part_progress(path: Path) -> tuple[int, int, int]:
+    """(documents read, source bytes, tokens) of a part, without reading its token arrays."""
+    with np.load(path) as part:
+        counts = json.loads(part["counts"].tobytes())
+        return counts.get("documents_read", 0), int(part["source_bytes"]), int(part["tokens"])
+
+
+class TaskProgress:
+    """Progress across all tasks, from the parts they have finished (whoever runs them).
+
+    Polls WORK_DIR/parts in a thread: documents, source bytes (bar, rate, time left) and tokens/s.
+    """
+
+    def __init__(self, work_dir: Path, total_bytes: int, enabled: bool):
+        from rich.progress import TextColumn
+
+        from elm_spec.progress import byte_progress
+
+        self.parts = work_dir / PARTS_DIR
+        self.seen: set[str] = set()
+        self.totals = [0, 0, 0]
+        self.start = time.perf_counter()
+        self.progress = byte_progress(
+            "tasks", TextColumn("{task.fields[documents]:,} docs, {task.fields[rate]} tokens/s"),
+            enabled=enabled)
+        self.task = self.progress.add_task("tasks", total=total_bytes, documents=0, rate="0")
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> TaskProgress:
+        self.progress.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.poll()
+        self.progress.stop()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.5):
+            self.poll()
+
+    def poll(self) -> None:
+        for path in self.parts.glob("part-*.npz"):
+            if path.name not in self.seen:
+                self.seen.add(path.name)
+                for i, value in enumerate(part_progress(path)):
+                    self.totals[i] += value
+        documents, source_bytes, tokens = self.totals
+        rate = tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, completed=source_bytes, documents=documents,
+                             rate=f"{rate:,.0f}")
+
+    def summary(self, tasks: int) -> str:
+        documents, source_bytes, tokens = self.totals
+        seconds = time.perf_counter() - self.start
+        return (f"{tasks} tasks: {len(self.seen)} parts, {documents:,} documents, "
+                f"{source_bytes / 1e6:,.1f} MB, {tokens:,} tokens in {seconds:.1f} s "
+                f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
 
 
 def run_description(sources: Sequence[str], tok: Tokenizer, options: PrepareOptions,
@@ -163,9 +230,12 @@ def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]],
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
     sources = [str(s) for s in sources]
-    expand_sources(sources, options.source_format)  # bad sources fail before any task starts
     work = Path(work_dir)
     _claim_work_dir(work, run_description(sources, tok, options, tasks))
-    tokenize_executor(sources, tok, work, options, tasks, options.workers).run()
+    files = expand_sources(sources, options.source_format)
+    with TaskProgress(work, sum(f.path.stat().st_size for f in files), show_progress) as progress:
+        tokenize_executor(sources, tok, work, options, tasks, options.workers).run()
+    if show_progress:
+        print(progress.summary(tasks), file=sys.stderr)
     return merge_parts(sources, tok, work, output, options, force=force,
                        show_progress=show_progress)
