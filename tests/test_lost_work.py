@@ -232,6 +232,14 @@ def test_second_finetune_on_one_adapter_path_is_refused(make_model_dir, lora_dat
     finally:
         holder.communicate("")
     assert not adapters.exists()
+    # Leftovers of killed runs inside the adapter directory are removed by the next run.
+    (adapters / "checkpoints" / ".step-0000002.tmp-k1ll3d").mkdir(parents=True)
+    (adapters / ".adapters.tmp-4242.safetensors").write_bytes(b"\0" * 64)
+    result = run_elm(*lora_args(make_model_dir(), lora_data, adapters))
+    assert result.returncode == 0, result.stderr
+    assert not list(adapters.rglob(".*tmp-*"))
+    assert sorted(p.name for p in (adapters / "checkpoints").iterdir()) == ["step-0000002",
+                                                                          "step-0000004"]
 
 
 def current_umask() -> int:
