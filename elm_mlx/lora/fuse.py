@@ -14,6 +14,7 @@ from elm_mlx.loading import load_adapters, load_model
 from elm_mlx.save import save_mlx_model_dir
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
+from elm_spec.hub import resolve
 from elm_spec.modeldir import read_config
 from elm_spec.tokenizer import require_tokenizer
 
@@ -40,7 +41,7 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
          dtype: str | None = None, force: bool = False) -> Path:
     """Write the fused model: an MLX model directory, or with EXPORT the interchange format
     (unquantized, DTYPE float32 by default) that elm_train.load_model reads."""
-    source = Path(model_dir)
+    source, adapter_path = resolve(model_dir), resolve(adapter_path)
     require_tokenizer(source)
     config = read_config(source)
     model = fused_model(source, adapter_path, dequantize=dequantize or export)
@@ -57,6 +58,8 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
         config["torch_dtype"] = name
     if export:
         config = model.spec.to_config(torch_dtype=config["torch_dtype"])
+    else:
+        config.pop("auto_map", None)  # an MLX directory: see elm_spec.hf_config
     # The fused tokenizer carries the template the adapted model answers in (the adapters'
     # recorded one first), so the fused model is prompted as `generate --adapter-path` was.
     return save_mlx_model_dir(model, config, source, save_path, force=force,
