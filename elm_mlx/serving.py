@@ -23,7 +23,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+)
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from elm_mlx.generate import matvec_on_cpu
@@ -52,28 +58,34 @@ class Sampling:
     repetition_context_size: int = 20
 
     def sampler(self) -> Sampler:
-        sampler = make_sampler(self.temp, self.top_p, self.min_p, top_k=self.top_k)
-        return sampler if self.seed is None or self.temp == 0 else seeded(sampler, self.seed)
+        if self.seed is None or self.temp == 0:
+            return make_sampler(self.temp, self.top_p, self.min_p, top_k=self.top_k)
+        return seeded_sampler(self, self.seed)
 
     def processors(self) -> list[LogitsProcessor]:
         return make_logits_processors(repetition_penalty=self.repetition_penalty,
                                       repetition_context_size=self.repetition_context_size)
 
 
-def seeded(sampler: Sampler, seed: int) -> Sampler:
-    """SAMPLER drawing from its own random stream, so a seeded request samples the same
-    tokens whatever else is in its batch."""
+def seeded_sampler(sampling: Sampling, seed: int) -> Sampler:
+    """mlx-lm's filters (top-p, min-p, top-k, in make_sampler's order) and a categorical draw
+    from the request's own key, so a seeded request samples the same tokens whatever else is in
+    its batch (make_sampler draws from MLX's global random state)."""
+    filters = []
+    if 0 < sampling.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, sampling.top_p))
+    if sampling.min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, sampling.min_p))
+    if sampling.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, sampling.top_k))
     key = mx.random.key(seed)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
-        shared = mx.random.state[0]
-        mx.random.state[0] = step_key
-        try:
-            return sampler(logprobs)
-        finally:
-            mx.random.state[0] = shared
+        for keep in filters:
+            logprobs = keep(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / sampling.temp), key=step_key)
 
     return sample
 
@@ -174,6 +186,7 @@ def load_served_models(model_dir: str | os.PathLike[str],
         model = load_model(model_dir, lazy=True)
         model.update(base.parameters())  # shared arrays: the base weights are held once
         load_adapters(model, adapter_path)
+        mx.eval(model.parameters())  # on this thread: MLX streams are per thread
         adapted = read_tokenizer(Path(model_dir), model.spec.eos_token_id)
         set_chat_template(adapted, chat_template_for(model_dir, adapter_path, chat_template))
         served[name] = ServedModel(model, adapted)

@@ -14,14 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from apps.serve.protocol import ChatRequest, CompletionRequest, Sampling
@@ -205,6 +204,14 @@ class Server:
                              "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
                             for e in events if e.token is not None]}
 
+    def alternatives_by_text(self, name: str, top: list[tuple[int, float]]) -> dict[str, float]:
+        """The legacy format keys alternatives by text: of tokens that decode alike, the most
+        likely (listed first) keeps the key."""
+        by_text: dict[str, float] = {}
+        for token, logprob in top:
+            by_text.setdefault(self.token_text(name, token), logprob)
+        return by_text
+
     def completion_logprobs(self, name: str, events: list[Event], offset: int) -> dict[str, Any]:
         tokens, offsets = [], []
         for e in events:
@@ -212,8 +219,7 @@ class Server:
             tokens.append(self.token_text(name, e.token))
             offset += len(e.text)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-                "top_logprobs": [{self.token_text(name, t): lp for t, lp in e.top_logprobs}
-                                 for e in events],
+                "top_logprobs": [self.alternatives_by_text(name, e.top_logprobs) for e in events],
                 "text_offset": offsets}
 
     async def completions(self, http: HTTPRequest) -> Response:
@@ -295,8 +301,6 @@ class Server:
             return JSONResponse({"status": "error", "detail": self.engine.failure}, status_code=503)
         return JSONResponse({"status": "ok", "in_flight": self.engine.in_flight})
 
-    async def page(self, http: HTTPRequest) -> Response:
-        return HTMLResponse(resources.files("apps.serve").joinpath("static/index.html").read_text())
 
 
 async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -322,7 +326,6 @@ def build_app(engine: Engine, settings: ServerSettings | None = None) -> Starlet
                                        if error.status_code == 404 else None))
 
     routes = [
-        Route("/", guarded(server.page), methods=["GET"]),
         Route("/health", guarded(server.health), methods=["GET"]),
         Route("/v1/models", guarded(server.list_models), methods=["GET"]),
         Route("/v1/completions", guarded(server.completions), methods=["POST"]),
