@@ -12,7 +12,7 @@ import typer
 
 from apps import commands, process
 from elm_spec.errors import ElmError
-from elm_spec.output import write_failure
+from elm_spec.writes import write_failure
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # Usage errors: typer 0.2x vendors click, older versions re-export click's own classes.

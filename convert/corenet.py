@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.outputs import clean_leftovers, output_lock
 
 CORENET_VOCAB_SIZE = 32128
 LLAMA_VOCAB_SIZE = 32000
@@ -113,13 +114,14 @@ def atomic_output_file(destination: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside DST; on success it replaces DST in one rename."""
     if destination.is_dir():
         raise ElmError(f"{destination}: is a directory; --to corenet writes a .pt file")
-    if destination.exists() and not force:
-        raise ElmError(f"{destination}: already exists (use --force to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
-    try:
-        yield staging
-        os.replace(staging, destination)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    with output_lock(destination):
+        clean_leftovers(destination)
+        if destination.exists() and not force:
+            raise ElmError(f"{destination}: already exists (use --force to replace it)")
+        staging = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+        try:
+            yield staging
+            os.replace(staging, destination)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise

@@ -27,6 +27,8 @@ from convert.safetensors_io import PlannedTensor, ShardedWriter
 from convert.sources import ShapeOptions, Source, cut_rows, open_source
 from convert.tensors import DTYPE_NAMES, Tensor, dtype_code, from_mlx, from_torch, to_mlx
 from elm_spec import ElmError
+from elm_spec.hf_config import reader_notes
+from elm_spec.hub import LLAMA2_TOKENIZER_ADVICE
 from elm_spec.modeldir import (
     CONFIG_FILE,
     MAX_SHARD_BYTES,
@@ -35,7 +37,7 @@ from elm_spec.modeldir import (
     expected_shapes,
     write_json,
 )
-from elm_spec.output import write_failure
+from elm_spec.outputs import refuse_overlap
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -43,8 +45,9 @@ from elm_spec.tokenizer import (
     Tokenizer,
     write_tokenizer_files,
 )
+from elm_spec.writes import write_failure
 
-TARGETS = ("mlx", "torch", "corenet")
+TARGETS = ("mlx", "torch", "corenet", "gguf")
 LARGE_MODEL_PARAMETERS = 2_500_000_000  # "3B-class": CoreNet's notes say these need bf16
 
 
@@ -62,6 +65,7 @@ class ConvertOptions:
     force: bool = False
     progress: bool = True
     max_shard_bytes: int = MAX_SHARD_BYTES
+    outtype: str | None = None  # GGUF tensor type (--to gguf): f32, f16, bf16 or q8_0
 
 
 @dataclass
@@ -78,6 +82,7 @@ class ConvertReport:
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertReport:
     src, dst = Path(src), Path(dst)
+    refuse_overlap(src, dst)
     catlip = _catlip_converter(src)
     if catlip is not None:
         catlip(src, dst, options.force)
@@ -93,9 +98,20 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> Conver
     padded_rows, shape = None, options.shape
     if options.target == "corenet":  # --vocab-size pads the written embedding instead
         padded_rows, shape = shape.vocab_size, dataclasses.replace(shape, vocab_size=None)
+    if options.outtype is not None and options.target != "gguf":
+        raise ElmError("--outtype applies to --to gguf; use --dtype or --quantize for other targets")
     source = open_source(src, options.source_kind, shape)
     report = ConvertReport(dst)
     report.say(source.describe())
+    if options.target == "gguf":
+        from convert.gguf_writer import write_gguf
+
+        if options.dtype is not None or options.verify:
+            raise ElmError("--to gguf takes --outtype (f32, f16, bf16, q8_0), not --dtype or --verify")
+        for line in write_gguf(source, dst, options.outtype or "f16", options.force,
+                               options.progress):
+            report.say(line)
+        return report
     code = _output_dtype(source, options.dtype, report)
     if options.target == "corenet":
         _write_corenet(source, dst, code, padded_rows, options, report)
@@ -125,8 +141,8 @@ def _output_dtype(source: Source, requested: str | None, report: ConvertReport) 
 
 def _require_tokenizer(source: Source) -> Path:
     if source.tokenizer is None:
-        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); pass --tokenizer "
-                       "FILE with the SentencePiece model the output must carry")
+        raise ElmError(f"{source.path}: no tokenizer (tokenizer.model missing); "
+                       f"{LLAMA2_TOKENIZER_ADVICE}")
     pieces = Tokenizer(source.tokenizer).vocab_size
     if pieces > source.spec.vocab_size:
         raise ElmError(f"{source.tokenizer}: has {pieces} pieces, more than the model's "
@@ -191,6 +207,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
     if code == "F16":
         _warn_float16_range(source, report)
     config = spec.to_config(torch_dtype=DTYPE_NAMES[code])
+    if options.target == "mlx":
+        config.pop("auto_map")  # MLX output: no remote-code prompt (elm_spec.hf_config)
     if quant:
         config["quantization"] = quantization_config(quant, options.q_bits, options.q_group_size)
         config["quantization_config"] = config["quantization"]
@@ -215,6 +233,8 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
             quantized = (f", {report.bits_per_weight:.2f} bits per weight" if quant else "")
             report.say(f"{dst}: {kind} directory, {DTYPE_NAMES[code]}{quantized}, "
                        f"{total / 1e6:,.1f} MB in {len(writer.shards)} file(s)")
+            for note in reader_notes(spec, dst):
+                report.say(note)
             if options.verify:
                 _verify_model_dir(source, staging, dst, code, options, report)
     except OSError as error:

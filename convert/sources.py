@@ -259,8 +259,9 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     """Reads tensors one at a time with `dcp.load` on a single process (no process group):
     memory stays at one tensor, where `dcp_to_torch_save` would hold the whole model."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from elm_train.safe_dcp import read_metadata, safe_load
 
     if dcp_directory(path) is None and path.is_dir() and holds_checkpoint_steps(path):
         from elm_train.checkpoint import resolve_checkpoint
@@ -269,10 +270,7 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     directory = dcp_directory(path)
     if directory is None:
         raise ElmError(f"{path}: no {DCP_METADATA_FILE} (not a torch.distributed.checkpoint directory)")
-    try:
-        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    except Exception as error:  # DCP raises assorted pickle and IO errors
-        raise ElmError(f"{directory / DCP_METADATA_FILE}: cannot be read ({error})") from None
+    metadata = read_metadata(directory)
     entries = {key: md for key, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata)}
     has_model_key = any(key.startswith(DCP_MODEL_KEY) for key in entries)
@@ -292,13 +290,9 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     def read(name: str) -> Tensor:
         md = entries[keys[name]]
         tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        try:
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({keys[name]: tensor}, checkpoint_id=str(directory), no_dist=True)
-        except Exception as error:  # a truncated shard file surfaces as a CheckpointException
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ElmError(f"{directory}: cannot read tensor {keys[name]!r} ({first[:200]})") from None
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            safe_load({keys[name]: tensor}, directory, what=f"cannot read tensor {keys[name]!r}")
         return cut_rows(name, from_torch(tensor), spec.vocab_size)
 
     names = list(expected_shapes(spec))

@@ -42,6 +42,13 @@ class VerifyResult:
     def ok(self) -> bool:
         return (self.max_abs if self.lossless else self.relative) <= self.tolerance
 
+    def figures(self) -> dict[str, str]:
+        """The comparison as a model card states it."""
+        return {"compared": f"{self.candidate} against {self.reference}",
+                "max abs logit difference": f"{self.max_abs:.3g}",
+                "relative difference": f"{self.relative:.3g}",
+                "greedy next-token agreement": f"{self.agreement}/{self.positions}"}
+
     def lines(self) -> list[str]:
         measure = (f"max |logit difference| {self.max_abs:.3g}" if self.lossless else
                    f"max |logit difference| {self.max_abs:.3g}, RMS difference "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elm_spec import ElmError
+from elm_spec.hub import resolve
 from elm_spec.modeldir import CONFIG_FILE, read_spec, require_model_dir
 from elm_spec.tokenizer import Tokenizer, require_tokenizer
 
@@ -197,7 +198,7 @@ def load_eval_model(model_dir: str | os.PathLike[str], backend: str | None = Non
                     batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
                     dtype: str | None = None, device: str | None = None) -> EvalModel:
     """Load a model directory for evaluation on BACKEND (default: `default_backend()`)."""
-    directory = require_model_dir(model_dir)
+    directory = require_model_dir(resolve(model_dir))
     tokenizer = Tokenizer(require_tokenizer(directory))
     spec = read_spec(directory)
     if tokenizer.vocab_size > spec.vocab_size:

@@ -6,8 +6,14 @@ loads its models, and a bare `lm_eval --model elm` works. Importing this module 
 registers the model (as `elm eval harness` does, which works without the install).
 
 model_args: pretrained (model directory, required), backend (torch or mlx), adapter_path (mlx),
-dtype, max_length (default: the model's context), add_bos_token (default True: OpenELM's
-published numbers were produced with BOS prepended), max_gen_toks (default 256).
+dtype, max_length (default: the model's context), add_bos_token (default True), max_gen_toks
+(default 256).
+
+BOS follows lm-eval's `hf` model for each setting of add_bos_token: with True (what `hf` does
+by default, since elm's tokenizer adds BOS) every encoded string starts with BOS unless it
+already begins with `<s>`, and rolling documents are encoded the same way and then scored
+after the BOS prefix token (so the first scored token is BOS itself, conditioned on BOS);
+with False nothing is added and documents are scored after the prefix alone.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class ElmLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False
                               ) -> list[float]:
-        texts = [self.tok_encode(request.args[0], add_special_tokens=False) for request in requests]
+        texts = [self.tok_encode(request.args[0]) for request in requests]
         windows = sum(window_count(len(t), self.max_length, self.max_length) for t in texts)
         bar = tqdm(total=windows, disable=disable_tqdm, desc="elm loglikelihood_rolling")
         scores = self.model.loglikelihood_rolling(texts, self.prefix_token_id, progress=bar.update)

@@ -152,27 +152,40 @@ def matvec_on_cpu(model: nn.Module, enabled: bool | None = None,
         model.update_modules(tree_unflatten([(name, old) for name, old, _ in replacements]))
 
 
+NO_TEMPLATE_ADVICE = ("this model has no chat template (neither its adapter_config.json nor its "
+                      "tokenizer_config.json records one); give one with --chat-template FILE")
+
+
+def encode_messages(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, ready for the assistant turn.
+
+    Rendered and encoded apart, with the template's own special tokens, exactly as `elm
+    finetune` renders the prompt part of its chat rows.
+    """
+    if not tokenizer.has_chat_template:
+        raise ElmError(NO_TEMPLATE_ADVICE)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def encode_prompt(tokenizer: TokenizerWrapper, text: str, use_chat_template: bool | None = None,
                   system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt, as `mlx_lm.generate` encodes them.
 
-    With the tokenizer's chat template (by default whenever the tokenizer has one) the text is
-    the user turn and the template adds its own special tokens; otherwise the text is encoded
-    as is, with the tokenizer's BOS.
+    With the chat template (by default whenever the tokenizer has one; `elm_mlx.load` picks
+    it) the text is the user turn and the template adds its own special tokens; otherwise the
+    text is encoded as is, with the tokenizer's BOS.
     """
     if use_chat_template is None:
         use_chat_template = bool(tokenizer.has_chat_template)
     if use_chat_template:
-        if not tokenizer.has_chat_template:
-            raise ElmError("this model's tokenizer has no chat template (tokenizer_config.json "
-                           "has no 'chat_template'); generate without --chat")
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": text})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=not use_chat_template)
+        ids = encode_messages(tokenizer, [*messages, {"role": "user", "content": text}])
+    else:
+        ids = list(tokenizer.encode(text, add_special_tokens=True))
     if not ids:
         raise ElmError("the prompt is empty")
-    return list(ids)
+    return ids
 
 
 def check_generation_options(*, max_tokens: int = 100, temp: float = 0.0, top_p: float = 1.0,
@@ -208,13 +221,20 @@ def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str |
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     repetition_context_size: int = 20, max_kv_size: int | None = None,
                     seed: int | None = None, prefill_step_size: int = 2048,
-                    matvec: bool | None = None) -> Iterator[GenerationResponse]:
+                    matvec: bool | None = None, prompt_cache: list[Any] | None = None,
+                    draft_model: nn.Module | None = None, num_draft_tokens: int = 3,
+                    kv_bits: int | None = None, kv_group_size: int = 64
+                    ) -> Iterator[GenerationResponse]:
     """Yield mlx-lm `GenerationResponse`s (text segment, token, tokens/s, peak memory) as they come.
 
     A string prompt is encoded with `encode_prompt`; pass token ids to encode otherwise.
     Sampling follows mlx-lm: `temp` 0 is greedy; `top_p`, `top_k`, `min_p` filter before
     sampling; `repetition_penalty` over the last `repetition_context_size` tokens;
-    `max_kv_size` keeps a rotating KV cache of that many tokens.
+    `max_kv_size` keeps a rotating KV cache of that many tokens. `prompt_cache` (mlx-lm's
+    per-layer caches) already holds the tokens before PROMPT and is extended in place;
+    `draft_model` decodes speculatively, `num_draft_tokens` at a time (mlx-lm's
+    `speculative_generate_step`: the same tokens as without it when greedy); `kv_bits`
+    quantizes the KV cache to that many bits (groups of `kv_group_size`).
     """
     check_generation_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                              min_p=min_p, repetition_penalty=repetition_penalty,
@@ -226,11 +246,21 @@ def stream_generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str |
     sampler = make_sampler(temp, top_p, min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty,
                                         repetition_context_size=repetition_context_size)
-    with matvec_on_cpu(model, matvec):
+    options: dict[str, Any] = {"prompt_cache": prompt_cache, "kv_bits": kv_bits,
+                               "kv_group_size": kv_group_size}
+    if draft_model is not None:
+        if max_kv_size is not None:
+            raise ElmError("--max-kv-size does not combine with --draft-model")
+        options.update(draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    else:
+        options["max_kv_size"] = max_kv_size
+    with contextlib.ExitStack() as stack:
+        for each in (model, draft_model):
+            if each is not None:
+                stack.enter_context(matvec_on_cpu(each, matvec))
         yield from mlx_lm_stream_generate(
             model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler,
-            logits_processors=processors, max_kv_size=max_kv_size,
-            prefill_step_size=prefill_step_size)
+            logits_processors=processors, prefill_step_size=prefill_step_size, **options)
 
 
 def generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int],

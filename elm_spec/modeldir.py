@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec.errors import ElmError
-from elm_spec.output import current_umask, writing
+from elm_spec.outputs import clean_leftovers, crash_point, output_lock, publish_permissions
 from elm_spec.spec import ModelSpec
+from elm_spec.writes import writing
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +84,18 @@ def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
         raise ElmError(f"{file}: {error}") from None
 
 
+def listed_file(directory: Path, name: Any, index: Path) -> Path:
+    """DIRECTORY/NAME for a file name read from INDEX, refused (before anything is opened, so the
+    message tells nothing about other files) unless it stays inside DIRECTORY. The check is on
+    the name: symlinks the directory itself holds (a Hugging Face cache snapshot) are honoured."""
+    if not isinstance(name, str) or not name.strip():
+        raise ElmError(f"{index}: file entry {name!r} is not a file name")
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal.split(os.sep)[0] in ("..", "."):
+        raise ElmError(f"{index}: file entry {name!r} points outside {directory}; refused")
+    return directory / normal
+
+
 def weight_files(path: str | os.PathLike[str]) -> list[Path]:
     """The safetensors files of a model directory, in index order."""
     directory = Path(path)
@@ -91,7 +104,7 @@ def weight_files(path: str | os.PathLike[str]) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ElmError(f"{index}: no weight_map")
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        files = [listed_file(directory, name, index) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
                 raise ElmError(f"{file}: listed in {INDEX_FILE} but missing")
@@ -212,19 +225,21 @@ def write_weight_index(directory: Path, tensor_files: Mapping[str, str], total_b
 def atomic_output_dir(destination: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside DST; on success it replaces DST in one rename.
 
-    An existing non-empty DST is refused unless `force`; on any failure DST is left as it was.
+    DST is locked against other writers for the whole block, and what killed writers left beside
+    it is cleaned first. An existing non-empty DST is refused unless `force`; on any failure DST
+    is left as it was.
     """
     target = Path(destination)
     if target.exists() and not target.is_dir():
         raise ElmError(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise ElmError(f"{target}: already exists and is not empty (use --force to replace it)")
-    with writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target), output_lock(target):
+        clean_leftovers(target)
+        if target.is_dir() and any(target.iterdir()) and not force:
+            raise ElmError(f"{target}: already exists and is not empty (use --force to replace it)")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the output private
         try:
             yield staging
+            publish_permissions(staging)
             replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -232,10 +247,12 @@ def atomic_output_dir(destination: str | os.PathLike[str], force: bool = False) 
 
 
 def replace_dir(source: Path, target: Path) -> None:
-    """Move SOURCE to TARGET; an old TARGET is moved aside first and removed only afterwards."""
+    """Move SOURCE to TARGET; an old TARGET is moved aside first and removed only afterwards
+    (a run killed between the two renames gets it back from `outputs.clean_leftovers`)."""
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
+        crash_point("replace-dir")
         os.replace(source, target)
         shutil.rmtree(backup, ignore_errors=True)
     else:

@@ -16,12 +16,16 @@ they are keyed by parameter name, not by rank: a checkpoint written by N process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from elm_spec import ElmError
+from elm_spec.outputs import output_lock
 from elm_train.parallel import DistContext
+from elm_train.safe_dcp import first_line, safe_load
 
 # DCP warns when it runs without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -76,7 +82,11 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors and plain values, so that `torch.load(weights_only=True)`
+    reads it back (numpy's key array would need numpy's pickled reconstructors)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -85,10 +95,30 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def checkpoint_lock(root: str | os.PathLike[str] | None, ctx: DistContext) -> Iterator[None]:
+    """The exclusive lock on checkpoint directory ROOT, held by the main rank for the whole run;
+    a second run on ROOT is refused on every rank (before any of them touches it)."""
+    if root is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        refused: ElmError | None = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(output_lock(root))
+            except ElmError as error:
+                refused = error
+        if ctx.all_reduce_max(float(refused is not None)) > 0:
+            raise refused or ElmError(f"{root}: in use by another elm process")
+        yield
 
 
 class Checkpointer:
@@ -137,24 +167,98 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1][1] if found else None
 
+    def refuse_earlier_run(self) -> None:
+        """With `checkpoint.resume: false` a run must not share a directory with an earlier
+        run's checkpoints: pruning keeps the highest steps, so the new ones would be deleted."""
+        latest = self.latest()
+        if latest is not None:
+            raise ElmError(f"{self.root}: holds checkpoints of an earlier run (newest {latest.name}) "
+                           "and checkpoint.resume is false; set checkpoint.resume=true to continue "
+                           "it, or choose an empty checkpoint.dir (nothing was deleted)")
+
+    def resume(self, model, optimizer, scheduler, loader) -> tuple[int, Path] | None:
+        """Load the newest intact checkpoint; damaged newer ones are moved aside to
+        `step-N.damaged` (kept for inspection, no longer counted), one line each."""
+        found = complete_checkpoints(self.root)
+        for remaining, (_, path) in reversed(list(enumerate(found))):
+            try:
+                return self.load(path, model, optimizer, scheduler, loader), path
+            except ElmError as error:
+                aside = path.with_name(f"{path.name}.damaged")
+                if self.ctx.is_main:
+                    os.replace(path, aside)
+                self.ctx.barrier()
+                if remaining == 0:
+                    raise ElmError(f"{error}; moved it aside to {aside.name}; no intact checkpoint "
+                                   f"left in {self.root} (run again to start afresh)") from None
+                if self.ctx.is_main:
+                    print(f"warning: {error}; moved it aside to {aside.name}, resuming from the "
+                          "previous checkpoint", file=sys.stderr, flush=True)
+        return None
+
     def load(self, path: Path, model, optimizer, scheduler, loader) -> int:
-        """Restore everything from checkpoint PATH; returns the step it was written at."""
+        """Restore everything from checkpoint PATH; returns the step it was written at.
+
+        Damage anywhere (trainer.json, the rank files, the DCP shards) is one ElmError, raised
+        on every rank alike."""
+        trainer, rng = self._agreed(lambda: self._read_small_files(path))
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        try:
-            dcp.load(state, checkpoint_id=str(path), no_dist=not self.ctx.distributed)
-        except Exception as error:  # DCP raises CheckpointException with per-rank details
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ElmError(f"{path}: cannot be loaded into this model ({first})") from None
+        safe_load(state, path, no_dist=not self.ctx.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        trainer = json.loads((path / TRAINER_FILE).read_text())
         scheduler.load_state_dict(trainer["scheduler"])
-        loader.load_state_dict(trainer["loader"])
+        self._agreed(lambda: _restore_loader(loader, trainer["loader"], path))
+        set_rng_state(rng)
+        return int(trainer["step"])
+
+    def _agreed(self, read):
+        """READ() on every rank; if any rank fails, all raise (a collective must not hang)."""
+        error: ElmError | None = None
+        result = None
+        try:
+            result = read()
+        except ElmError as raised:
+            error = raised
+        if self.ctx.all_reduce_max(float(error is not None)) > 0:
+            raise error or ElmError(f"{self.root}: another rank could not read its checkpoint files")
+        return result
+
+    def _read_small_files(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        trainer_file = path / TRAINER_FILE
+        try:
+            trainer = json.loads(trainer_file.read_text())
+            _require_keys(trainer, ("step", "scheduler", "loader"))
+            int(trainer["step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ElmError(f"{trainer_file}: damaged ({first_line(error)})") from None
         own = path / rank_file(self.ctx.rank)
         rng_path = own if own.is_file() else path / rank_file(0)
-        set_rng_state(torch.load(rng_path, weights_only=False)["rng"])
-        return int(trainer["step"])
+        try:
+            rng = torch.load(rng_path, weights_only=True)["rng"]
+            _require_keys(rng, ("python", "numpy", "torch"))
+        except pickle.UnpicklingError as error:
+            raise ElmError(f"{rng_path}: holds something other than RNG states; refused to "
+                           f"unpickle it ({first_line(error)})") from None
+        except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged zip
+            raise ElmError(f"{rng_path}: damaged ({first_line(error)})") from None
+        return trainer, rng
+
+
+def _require_keys(mapping: Any, keys: tuple[str, ...]) -> None:
+    if not isinstance(mapping, dict):
+        raise TypeError(f"expected a mapping, found {type(mapping).__name__}")
+    for key in keys:
+        if key not in mapping:
+            raise KeyError(key)
+
+
+def _restore_loader(loader, state: Any, path: Path) -> None:
+    try:
+        loader.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ElmError(f"{path / TRAINER_FILE}: damaged data loader position "
+                       f"({first_line(error)})") from None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -173,9 +277,5 @@ def load_model_state(checkpoint: Path, model: torch.nn.Module) -> dict[str, torc
     """The full model state of a checkpoint, in one process, for MODEL (built on the CPU)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     wrapped = {"model": state}
-    try:
-        dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ElmError(f"{checkpoint}: cannot be loaded into this model ({first})") from None
+    safe_load(wrapped, checkpoint)
     return wrapped["model"]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from elm_spec import ElmError
+from elm_spec.outputs import refuse_overlap
 from elm_train.checkpoint import CONFIG_COPY, load_model_state, resolve_checkpoint
 from elm_train.config import load_config
 from elm_train.tasks import task_class
@@ -15,6 +16,7 @@ from elm_train.tasks import task_class
 def export_checkpoint(checkpoint: str | os.PathLike[str], destination: str | os.PathLike[str],
                       dtype: str = "float32", force: bool = False) -> Path:
     """Write DESTINATION from CHECKPOINT (a step-N dir, or a checkpoint root: its newest)."""
+    refuse_overlap(checkpoint, destination)
     step_dir = resolve_checkpoint(checkpoint)
     if not (step_dir / CONFIG_COPY).is_file():
         raise ElmError(f"{step_dir}: no {CONFIG_COPY} (not written by `elm train`)")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from elm_spec.output import write_text_atomic
+from elm_spec.writes import write_text_atomic
 
 # Dense bf16 tensor-core peaks in FLOP/s (FACTS.md section 6).
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}

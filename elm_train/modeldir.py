@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.hub import resolve
 from elm_spec.modeldir import (
     CONFIG_FILE,
     MAX_SHARD_BYTES,
@@ -55,7 +56,8 @@ def load_state_dict(path: str | os.PathLike[str], spec: ModelSpec | None = None)
 
 def load_model(path: str | os.PathLike[str], dtype: str | None = None,
                attention: AttentionBackend = "sdpa", device: str | torch.device = "cpu") -> OpenELM:
-    """The PyTorch twin of the model in a model directory, in eval mode."""
+    """The PyTorch twin of the model in a model directory (or Hub repo), in eval mode."""
+    path = resolve(path)
     spec = read_spec(path)
     return model_from_state_dict(load_state_dict(path, spec), spec, dtype, attention, device)
 

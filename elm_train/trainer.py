@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from elm_spec import ElmError
-from elm_spec.output import writing
+from elm_spec.writes import writing
 from elm_train import parallel
-from elm_train.checkpoint import CONFIG_COPY, Checkpointer
+from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, check_resumable, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from elm_train.tasks import task_class
@@ -103,7 +103,8 @@ class StopRequest:
 def train(config: Config) -> TrainResult:
     ctx = parallel.init_distributed(config.train.device)
     try:
-        return _train(config, ctx)
+        with checkpoint_lock(config.checkpoint.dir, ctx):
+            return _train(config, ctx)
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
@@ -155,12 +156,15 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         _require_directory(Path(config.checkpoint.dir), "checkpoint.dir")
         checkpointer = Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep)
     start_step = 0
-    if checkpointer is not None and config.checkpoint.resume:
-        latest = checkpointer.latest()
-        if latest is not None:
-            if (latest / CONFIG_COPY).is_file():
-                check_resumable(latest / CONFIG_COPY, config)
-            start_step = checkpointer.load(latest, model, optimizer, scheduler, loader)
+    if checkpointer is not None and not config.checkpoint.resume:
+        checkpointer.refuse_earlier_run()
+    elif checkpointer is not None:
+        newest = checkpointer.latest()
+        if newest is not None and (newest / CONFIG_COPY).is_file():
+            check_resumable(newest / CONFIG_COPY, config)
+        resumed = checkpointer.resume(model, optimizer, scheduler, loader)
+        if resumed is not None:
+            start_step, latest = resumed
             if ctx.is_main:
                 print(f"resumed from {latest} (step {start_step})", flush=True)
 
@@ -178,20 +182,21 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     last_saved: Path | None = checkpointer.latest() if checkpointer else None
     stopped = False
     progress = _Progress(ctx.is_main and config.log.progress, start_step, tc.max_steps)
+    # Throughput is measured over the window since the last logged step: the host never waits
+    # for the device in between, so only a synchronised window end gives a true time.
+    window = _Window(step)
     model.train()
     try:
         with StopRequest() as stop, progress:
             while step < tc.max_steps:
-                started = time.perf_counter()
-                items = 0
                 parts_sum: dict[str, torch.Tensor] = {}
                 for micro in range(tc.grad_accum_steps):
-                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(loader).items()}
+                    batch = {k: _to_device(v, ctx.device) for k, v in next(loader).items()}
                     last_micro = micro == tc.grad_accum_steps - 1
                     with parallel.gradient_sync(model, last_micro), autocast:
                         loss, parts = task.loss(model, batch)
                     (loss / tc.grad_accum_steps).backward()
-                    items += task.items_in(batch)
+                    window.items += task.items_in(batch)
                     for name, value in parts.items():
                         value = torch.as_tensor(value, dtype=torch.float32, device=ctx.device)
                         parts_sum[name] = parts_sum.get(name, 0) + value.detach() / tc.grad_accum_steps
@@ -203,41 +208,43 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
+                # Everything below that reads a device value or talks to other ranks runs on
+                # log, save and eval steps only, so the host runs ahead of the device between.
                 should_save = checkpointer is not None and (
                     (config.checkpoint.every and step % config.checkpoint.every == 0)
                     or step == tc.max_steps)
+                should_log = step % config.log.every == 0 or should_save or step == tc.max_steps
+                should_eval = bool(tc.eval_every) and step % tc.eval_every == 0
+                if not (should_log or should_eval):
+                    continue
                 stop_now = ctx.all_reduce_max(float(stop.signal is not None)) > 0
-                if step % config.log.every == 0 or should_save or stop_now or step == tc.max_steps:
-                    if ctx.device.type == "cuda":
-                        torch.cuda.synchronize(ctx.device)
-                    names = sorted(parts_sum)
-                    values = ctx.mean_across_ranks(torch.stack([parts_sum[n] for n in names]))
-                    reduced = dict(zip(names, values.tolist(), strict=True))
-                    last_loss = reduced.get("loss")
-                    if not all(math.isfinite(v) for v in reduced.values()):
+                record: dict[str, Any] = {}
+                if should_log or stop_now:
+                    record = _step_record(step, parts_sum, grad_norm, lr, window.close(ctx), ctx,
+                                          flops_per_item, peak, token_task)
+                    last_loss = record.get("loss")
+                    if not all(math.isfinite(record[n]) for n in parts_sum):
                         raise ElmError(
                             f"step {step}: loss is {last_loss} (not finite); stopped. Last checkpoint: "
                             f"{last_saved or 'none'}. Lower optim.lr or check the data")
-                    elapsed = time.perf_counter() - started
-                    items_per_s_device = items / elapsed
-                    record = {"step": step, **reduced,
-                              "grad_norm": _as_float(grad_norm), "lr": lr,
-                              "tokens_per_s": items_per_s_device * ctx.world_size if token_task else None,
-                              "tokens_per_s_per_device": items_per_s_device if token_task else None,
-                              "step_time_s": elapsed,
-                              "mfu": mfu(flops_per_item, items_per_s_device, peak),
-                              "peak_memory_bytes": peak_memory_bytes(ctx.device),
-                              "world_size": ctx.world_size}
-                    if not token_task:
-                        record["items_per_s"] = items_per_s_device * ctx.world_size
-                    if tc.eval_every and step % tc.eval_every == 0:
-                        record["valid_loss"] = evaluate(task, model, ctx, tc.eval_batches, autocast)
+                if should_eval:
+                    window.pause(ctx)
+                    valid = evaluate(task, model, ctx, tc.eval_batches, autocast)
+                    if record:
+                        record["valid_loss"] = valid
+                    else:
+                        log.write({"event": "eval", "step": step, "valid_loss": valid})
+                if record:
                     log.write(record)
                     progress.update(step, record)
                 if should_save or (stop_now and checkpointer is not None):
                     with writing(checkpointer.root):
                         last_saved = checkpointer.save(step, model, optimizer, scheduler, loader,
                                                        config_text, task)
+                if record:
+                    window.restart(step)
+                else:
+                    window.resume()
                 if stop_now:
                     stopped = True
                     if ctx.is_main:
@@ -261,6 +268,66 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
 def _require_directory(path: Path, key: str) -> None:
     if path.exists() and not path.is_dir():
         raise ElmError(f"{key}: {path} is a file, not a directory")
+
+
+class _Window:
+    """Items and wall time since the last logged step (evaluation and checkpoints excluded)."""
+
+    def __init__(self, step: int) -> None:
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.first_step = step
+        self.items = 0
+        self.started = time.perf_counter()
+        self.paused = self.started
+
+    def close(self, ctx: parallel.DistContext) -> tuple[int, float, int]:
+        """(items, seconds, first step) of the window, after waiting for the device to finish it."""
+        _synchronize(ctx.device)
+        return self.items, time.perf_counter() - self.started, self.first_step
+
+    def pause(self, ctx: parallel.DistContext) -> None:
+        """Stop the clock once the device has caught up (before an evaluation)."""
+        _synchronize(ctx.device)
+        self.paused = time.perf_counter()
+
+    def resume(self) -> None:
+        self.started += time.perf_counter() - self.paused
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # A copy from pinned memory is asynchronous; from pageable memory it blocks the host.
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _step_record(step: int, parts_sum: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+                 lr: float, window: tuple[int, float, int], ctx: parallel.DistContext,
+                 flops_per_item: float, peak: float | None, token_task: bool) -> dict[str, Any]:
+    """The metrics line of a logged step (the one place the loop reads device values)."""
+    items, elapsed, first_step = window
+    names = sorted(parts_sum)
+    values = ctx.mean_across_ranks(torch.stack([parts_sum[n] for n in names]))
+    reduced = dict(zip(names, values.tolist(), strict=True))
+    items_per_s_device = items / elapsed
+    record = {"step": step, **reduced, "grad_norm": _as_float(grad_norm), "lr": lr,
+              "tokens_per_s": items_per_s_device * ctx.world_size if token_task else None,
+              "tokens_per_s_per_device": items_per_s_device if token_task else None,
+              "step_time_s": elapsed / (step - first_step),
+              "steps_timed": step - first_step,
+              "mfu": mfu(flops_per_item, items_per_s_device, peak),
+              "peak_memory_bytes": peak_memory_bytes(ctx.device),
+              "world_size": ctx.world_size}
+    if not token_task:
+        record["items_per_s"] = items_per_s_device * ctx.world_size
+    return record
 
 
 def _as_float(value: torch.Tensor) -> float:

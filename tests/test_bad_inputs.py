@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from apps.cli import main
 from elm_spec import ElmError, ModelSpec
-from elm_spec.output import write_failure, writing
+from elm_spec.writes import write_failure, writing
 from tests.test_train_fixtures import token_data_fixture  # noqa: F401  (the token_data fixture)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -87,8 +87,7 @@ MODEL_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown dtype": (lambda d: edit_header(d, unknown_dtype), "unknown dtype 'F99'"),
     "negative data offset": (lambda d: edit_header(d, negative_offset), "data offsets -4"),
     "index without local shards": (index_without_shards, "listed in model.safetensors.index.json"),
-    "corrupt tokenizer": (lambda d: (d / "tokenizer.model").write_bytes(b"not a model"),
-                          "tokenizer.model: not a SentencePiece model"),
+    "corrupt tokenizer": (lambda d: (d / "tokenizer.json").write_text("{oops"), "tokenizer.json"),
     "config.json unknown key": (lambda d: edit_config(d, colour=1), "config.json: unknown key 'colour'"),
     "config.json not JSON": (lambda d: (d / "config.json").write_text("{oops"),
                              "config.json: not valid JSON"),
@@ -369,22 +368,6 @@ def trained_sources(tmp_path_factory: pytest.TempPathFactory, base_model: Path,
               "--max-seq-length", "64"])
     assert exit_info.value.code == 0
     return root
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ["init", "data prepare", "finetune", "eval --output", "train",
-                                     "export", "fuse"])
-def test_write_failure(work: Path, token_data: Path, trained_sources: Path, broken_disk,
-                       capsys, command: str) -> None:
-    disk, reason = broken_disk
-    shutil.copytree(trained_sources / "ckpt", work / "ckpt-src")
-    shutil.copytree(trained_sources / "adapters", work / "adapters-src")
-    args = writer_commands(work, token_data, disk)[command]
-    before = snapshot(disk)
-    line = rejects(capsys, work, args, f"write failed ({reason})")
-    assert str(disk) in line
-    if command not in ("train", "finetune"):  # these two log as they go
-        assert snapshot(disk) == before
 
 
 def test_interrupt_is_one_line(work: Path, capsys, monkeypatch) -> None:

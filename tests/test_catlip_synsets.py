@@ -130,3 +130,23 @@ def test_synsets_command_prints_id_and_name():
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["n2084071 dog.n.01", "n13743269 two.n.01",
                                           "n2121620 cat.n.01"]
+
+
+@pytest.mark.slow
+def test_wordnet_index_cache_is_json_and_read_back(extractor, tmp_path, monkeypatch):
+    import json
+
+    from elm_train.catlip.synsets import _wordnet_reader_class
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reader_class = _wordnet_reader_class()
+    root = extractor._wordnet.root
+    parsed = reader_class(root, None)  # parses the index, writes the cache
+    (cache,) = (tmp_path / "elm" / "nltk_data").glob("wordnet-index-*.json")
+    data = json.loads(cache.read_text())  # plain data: nothing in it can run
+    assert set(data) == {"satellites", "lemmas"}
+    cached = reader_class(root, None)
+    assert cached._cached_index is not None
+    for lemma in ("dog", "bank", "red"):
+        assert cached.synsets(lemma) == parsed.synsets(lemma)
+    assert cached.satellite_offsets == parsed.satellite_offsets

@@ -106,6 +106,7 @@ def test_unknown_model_type(source: Path, dst: Path, capsys) -> None:
 
 def test_missing_tokenizer(source: Path, dst: Path, capsys) -> None:
     (source / "tokenizer.model").unlink()
+    (source / "tokenizer.json").unlink()
     fails(capsys, str(source), str(dst), "--force", dst=dst, mentions="no tokenizer")
 
 

@@ -5,6 +5,7 @@ log-likelihood and generate_until with stop strings."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,14 @@ def _run_harness(backend: str, model_dir: Path, yamls: Path, names: list[str], o
     return json.loads(results_file.read_text())["results"], samples
 
 
+def hf_bits_per_byte(model, documents: list[str]) -> float:
+    """Bits per byte as lm-eval's `hf` model scores rolling documents by default: BOS, then the
+    document, each token conditioned on what precedes it after a BOS prefix."""
+    scores = model.loglikelihood_rolling([model.tokenizer.encode(d, bos=True) for d in documents],
+                                         model.tokenizer.bos_id)
+    return -sum(s.logprob for s in scores) / math.log(2) / sum(len(d.encode()) for d in documents)
+
+
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, monkeypatch):
     model_dir, data, yamls, texts, _ = harness_setup
@@ -124,9 +133,12 @@ def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, 
         assert results[f"local_{task}"]["acc,none"] == evaluate_tasks(
             ours, {task: questions[task]})[task]["acc"]
 
-    # Rolling log-likelihood: bits per byte of the whole text, as `elm eval perplexity` says.
-    expected = evaluate_perplexity(ours, read_documents([texts]))["bits_per_byte"]
+    # Rolling log-likelihood: lm-eval's `hf` convention (BOS, then the document, scored after a
+    # BOS prefix), in bits per byte of the whole text.
+    documents = read_documents([texts])
+    expected = hf_bits_per_byte(ours, documents)
     assert results["local_rolling"]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(evaluate_perplexity(ours, documents)["bits_per_byte"], rel=1e-5)
 
     # generate_until: the greedy continuation (up to 8 tokens or end of sequence), cut
     # before the first stop string.
@@ -166,6 +178,32 @@ def test_bare_lm_eval_command_finds_the_elm_model(harness_setup, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (results_file,) = output.rglob("results_*.json")
     got = json.loads(results_file.read_text())["results"]["local_rolling"]["bits_per_byte,none"]
-    expected = evaluate_perplexity(load_eval_model(model_dir, backend="mlx"),
-                                   read_documents([texts]))["bits_per_byte"]
+    expected = hf_bits_per_byte(load_eval_model(model_dir, backend="mlx"), read_documents([texts]))
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("add_bos_token", [True, False, None])
+def test_elm_model_scores_as_lm_eval_hf_model_does(add_bos_token, harness_setup):
+    """lm-eval's own `hf` model running the same weights (an elm PyTorch model presented as a
+    transformers model) gives the same rolling and conditional log-likelihoods as `--model elm`,
+    for each add_bos_token setting (None: `hf`'s default, the tokenizer's own BOS)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from elm_eval.harness import ElmLM
+    from tests.hf_wrapper import wrap_for_transformers
+
+    model_dir, _, _, _, _ = harness_setup
+    bos_arg = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    hf = HFLM(pretrained=wrap_for_transformers(model_dir), tokenizer=str(model_dir),
+              backend="causal", batch_size=1, max_length=48, **bos_arg)
+    ours = ElmLM(pretrained=str(model_dir), backend="torch", max_length=48, **bos_arg)
+    documents = [text[:300] for text in stdlib_texts(3)] + [" leading space", "<s>starts with bos"]
+    rolling = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(documents)]
+    theirs = hf.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert ours.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(theirs, abs=1e-3)
+    pairs = [Instance("loglikelihood", {}, (c, x), i)
+             for i, (c, x) in enumerate([("def main(", "):"), ("", " import os"), ("a ", " b")])]
+    expected = [lp for lp, _ in hf.loglikelihood(pairs, disable_tqdm=True)]
+    assert [lp for lp, _ in ours.loglikelihood(pairs, disable_tqdm=True)] == pytest.approx(expected, abs=1e-3)

@@ -25,6 +25,7 @@ from tests.conftest import run_elm
 PROMPT = "def read_config(path):\n    with open(path) as handle:"
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,9 @@ def test_cli_streams_the_text_mlx_lm_generates(model_dir: Path, capsys) -> None:
     assert any(line.startswith("Generation: ") and "tokens-per-sec" in line for line in lines)
     assert lines[-1].startswith("Peak memory: ") and lines[-1].endswith(" GB")
     text = out.split("=" * 10 + "\n", 1)[1].rsplit("\n" + "=" * 10, 1)[0]
-    peer_model, peer_tokenizer = mlx_lm_load(str(model_dir))
+    # an interchange directory's auto_map names Apple's remote code, which transformers 5 would
+    # otherwise offer to run (on stdout) while reading the tokenizer
+    peer_model, peer_tokenizer = mlx_lm_load(str(model_dir), tokenizer_config=NO_REMOTE_CODE)
     assert text == mlx_lm_generate(peer_model, peer_tokenizer, PROMPT, max_tokens=16)
     prompt_tokens = len(encode_prompt(peer_tokenizer, PROMPT))
     assert f"Prompt: {prompt_tokens} tokens," in out
@@ -204,7 +207,8 @@ def test_adapter_path_changes_the_output_like_mlx_lm(model_dir: Path, tmp_path: 
     code, adapted, err = run_cli(capsys, *args, "--adapter-path", str(adapter))
     assert code == 0, err
     assert adapted != base
-    peer_model, peer_tokenizer = mlx_lm_load(str(model_dir), adapter_path=str(adapter))
+    peer_model, peer_tokenizer = mlx_lm_load(str(model_dir), adapter_path=str(adapter),
+                                             tokenizer_config=NO_REMOTE_CODE)
     assert adapted == mlx_lm_generate(peer_model, peer_tokenizer, PROMPT, max_tokens=12) + "\n"
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from elm_spec import ElmError
+
 FORMAT_HELP = "Read every source as this format: txt, jsonl, jsonl.gz or parquet (default: by name)."
 
 
@@ -40,6 +42,16 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(None, "--workers",
                                     help="Tokenizing processes (default: all cores)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+        backend: str = typer.Option("local", "--backend",
+                                    help="local (a process pool, the default) or datatrove "
+                                         "(--tasks tasks with parts in --work-dir, then a merge; "
+                                         "same bytes)."),
+        tasks: int = typer.Option(None, "--tasks",
+                                  help="datatrove backend: number of tasks (default: --workers)."),
+        work_dir: Path = typer.Option(None, "--work-dir",
+                                      help="datatrove backend: where parts and task logs live; "
+                                           "rerun with the same one to resume (default: "
+                                           "OUT.work)."),
     ) -> None:
         """Filter, tokenize and pack text into token shards with a held-out split."""
         from elm_train.data.prepare import PrepareOptions, default_workers, prepare_data
@@ -48,7 +60,16 @@ def register(app: typer.Typer) -> None:
             text_key=text_key, text_per_line=text_per_line, source_format=source_format,
             min_chars=min_chars, min_tokens=min_tokens, valid_fraction=valid_fraction, seed=seed,
             shard_tokens=shard_tokens, workers=workers or default_workers())
-        stats = prepare_data(sources, tokenizer, out, options, force=force)
+        if backend == "local":
+            stats = prepare_data(sources, tokenizer, out, options, force=force)
+        elif backend == "datatrove":
+            from elm_train.data.distributed import prepare_data_distributed
+
+            stats = prepare_data_distributed(
+                sources, tokenizer, out, work_dir or out.with_name(out.name + ".work"),
+                tasks or options.workers, options, force=force)
+        else:
+            raise ElmError(f"--backend must be local or datatrove, got {backend!r}")
         typer.echo(describe_stats(out, stats, options))
         if valid_fraction > 0 and stats["documents"]["valid"] == 0:
             typer.echo(f"warning: no document fell in the valid split "

@@ -75,7 +75,7 @@ def perplexity(
     """Token perplexity and bits per byte of text, sliding windows over long documents."""
     from elm_eval.perplexity import evaluate_perplexity, read_documents
     from elm_eval.report import perplexity_markdown
-    from elm_spec.output import write_json_atomic
+    from elm_spec.writes import write_json_atomic
 
     documents = read_documents(data, text_key)
     loaded = _load(model, backend, adapter_path, batch_size, context_length, dtype, device)
@@ -107,7 +107,7 @@ def tasks(
     """Zero-shot multiple-choice accuracy (acc, acc_norm) as lm-eval-harness computes it."""
     from elm_eval.report import tasks_markdown
     from elm_eval.tasks import evaluate_tasks, load_tasks, parse_task_names
-    from elm_spec.output import write_json_atomic
+    from elm_spec.writes import write_json_atomic
 
     names = parse_task_names(task_names)
     if limit is not None and limit < 1:

@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file; "
                                           "'none' disables the shipped OpenELM-instruct fallback."),
         resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --adapter-path."),
+        upload_repo: str = typer.Option(None, "--upload-repo", help="Publish the adapters to this "
+                                        "Hub repo (ORG/NAME), with a model card."),
     ) -> None:
         """Fine-tune a model directory on JSONL data; writes mlx-lm-format adapters."""
         keep_torch_out()
@@ -72,4 +74,11 @@ def register(app: typer.Typer) -> None:
                      grad_checkpoint=grad_checkpoint, grad_accumulation_steps=grad_accumulation_steps,
                      clear_cache_threshold=clear_cache_threshold, seed=seed, mask_prompt=mask_prompt, pack=pack, chat_template=chat_template,
                      resume=resume)
-        run_finetune(build_config(config_file, flags))
+        config = build_config(config_file, flags)
+        run_finetune(config)
+        if upload_repo is not None:
+            from elm_spec.hub import model_card, publish
+
+            card = model_card(upload_repo, str(config.model), "adapters")
+            typer.echo(f"uploaded {config.adapter_path} to "
+                       f"{publish(config.adapter_path, upload_repo, card)}")

@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 for "
                                   "unquantized output (default float32 with --export, else unchanged)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --save-path."),
+        upload_repo: str = typer.Option(None, "--upload-repo", help="Publish the output to this "
+                                        "Hub repo (ORG/NAME), with a model card."),
     ) -> None:
         """Merge LoRA/DoRA adapters into the base weights (re-quantizing a quantized base)."""
         keep_torch_out()
@@ -29,3 +31,8 @@ def register(app: typer.Typer) -> None:
         written = run_fuse(model, adapter_path, save_path, dequantize=dequantize, export=export,
                            dtype=dtype, force=force)
         typer.echo(f"fused model written to {written}")
+        if upload_repo is not None:
+            from elm_spec.hub import model_card, publish
+
+            card = model_card(upload_repo, model, "transformers" if export else "mlx")
+            typer.echo(f"uploaded {written} to {publish(written, upload_repo, card)}")

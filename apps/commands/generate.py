@@ -18,6 +18,10 @@ def read_prompt(prompt: str) -> str:
     return prompt.replace("\\n", "\n").replace("\\t", "\t")
 
 
+CHAT_TEMPLATE_HELP = ("Jinja chat template file ('none': raw prompts); by default the adapters' "
+                      "recorded template, else the model's.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
@@ -38,6 +42,7 @@ def register(app: typer.Typer) -> None:
                                         help="Keep a rotating KV cache of this many tokens."),
         prefill_step_size: int = typer.Option(2048, "--prefill-step-size",
                                               help="Prompt tokens processed at a time."),
+        chat_template: str = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
         ignore_chat_template: bool = typer.Option(
             False, "--ignore-chat-template", help="Use the raw prompt even if the tokenizer has a chat template."),
         system_prompt: str = typer.Option(None, "--system-prompt", help="System turn for the chat template."),
@@ -56,7 +61,7 @@ def register(app: typer.Typer) -> None:
         if system_prompt is not None and ignore_chat_template:
             raise ElmError("--system-prompt needs the chat template; drop --ignore-chat-template")
         text = read_prompt(prompt)
-        mlx_model, tokenizer = load(model, adapter_path=adapter_path)
+        mlx_model, tokenizer = load(model, adapter_path=adapter_path, chat_template=chat_template)
         use_template = False if ignore_chat_template else None
         if system_prompt is not None:
             use_template = True

@@ -18,9 +18,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from elm_spec.hub import resolve
         from elm_spec.modeldir import check_tensors, read_config, read_spec
         from elm_spec.tokenizer import SENTENCEPIECE_FILE, Tokenizer
 
+        model = resolve(model)
         spec = read_spec(model)
         config = read_config(model)
         quantization = config.get("quantization")

@@ -19,7 +19,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from elm_mlx.lora.config import FinetuneConfig
 from elm_spec import ElmError
-from elm_spec.output import writing
+from elm_spec.writes import writing
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

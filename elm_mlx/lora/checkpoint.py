@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from elm_mlx.lora.adapters import ADAPTER_WEIGHTS
 from elm_spec import ElmError
+from elm_spec.outputs import publish_permissions, remove
 
 CHECKPOINT_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,6 +55,7 @@ def save_checkpoint(adapter_path: Path, step: int, model: nn.Module, optimizer: 
                             dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        publish_permissions(staging)  # mkdtemp's 0700 would make the checkpoint private
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -63,6 +65,13 @@ def save_checkpoint(adapter_path: Path, step: int, model: nn.Module, optimizer: 
     for old in list_checkpoints(adapter_path)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_leftovers(adapter_path: Path) -> None:
+    """Temporary files and checkpoint directories of killed runs (call with the lock held)."""
+    for pattern in (".*.tmp-*", f"{CHECKPOINT_DIR}/.step-*.tmp-*"):
+        for leftover in adapter_path.glob(pattern):
+            remove(leftover)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from elm_spec import ElmError
+from elm_spec.chat_template import NO_TEMPLATE, read_template_file
 from elm_spec.jsonl import read_jsonl_objects
 
 SPLITS = ("train", "valid", "test")
 FORMATS = ("text", "completions", "chat")
 ROLES = ("system", "user", "assistant")
 SHIPPED_TEMPLATE = "openelm_instruct.jinja"
-NO_TEMPLATE = "none"
 
 
 def shipped_chat_template() -> str:
@@ -44,10 +44,7 @@ def resolve_chat_template(option: str | None, tokenizer_template: str | None) ->
     if option == NO_TEMPLATE:
         return tokenizer_template
     if option is not None:
-        path = Path(option)
-        if not path.is_file():
-            raise ElmError(f"{path}: chat template file not found")
-        return path.read_text().rstrip("\n")
+        return read_template_file(option)
     return tokenizer_template if tokenizer_template else shipped_chat_template()
 
 

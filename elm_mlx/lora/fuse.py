@@ -11,11 +11,12 @@ from mlx.utils import tree_map, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from elm_mlx.loading import load_adapters, load_model
-from elm_mlx.lora.adapters import ADAPTER_CONFIG
 from elm_mlx.save import save_mlx_model_dir
 from elm_spec import ElmError
-from elm_spec.modeldir import read_config, read_json
-from elm_spec.tokenizer import TOKENIZER_CONFIG_FILE, require_tokenizer
+from elm_spec.chat_template import chat_template_for
+from elm_spec.hub import resolve
+from elm_spec.modeldir import read_config
+from elm_spec.tokenizer import require_tokenizer
 
 EXPORT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -40,7 +41,7 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
          dtype: str | None = None, force: bool = False) -> Path:
     """Write the fused model: an MLX model directory, or with EXPORT the interchange format
     (unquantized, DTYPE float32 by default) that elm_train.load_model reads."""
-    source = Path(model_dir)
+    source, adapter_path = resolve(model_dir), resolve(adapter_path)
     require_tokenizer(source)
     config = read_config(source)
     model = fused_model(source, adapter_path, dequantize=dequantize or export)
@@ -57,14 +58,9 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
         config["torch_dtype"] = name
     if export:
         config = model.spec.to_config(torch_dtype=config["torch_dtype"])
+    else:
+        config.pop("auto_map", None)  # an MLX directory: see elm_spec.hf_config
+    # The fused tokenizer carries the template the adapted model answers in (the adapters'
+    # recorded one first), so the fused model is prompted as `generate --adapter-path` was.
     return save_mlx_model_dir(model, config, source, save_path, force=force,
-                              chat_template=training_template(source, Path(adapter_path)))
-
-
-def training_template(model_dir: Path, adapter_path: Path) -> str | None:
-    """The chat template the adapters were trained with, when the base tokenizer has none, so
-    the fused model's tokenizer renders prompts the way training did."""
-    tokenizer_config = model_dir / TOKENIZER_CONFIG_FILE
-    if tokenizer_config.is_file() and read_json(tokenizer_config).get("chat_template"):
-        return None
-    return read_json(adapter_path / ADAPTER_CONFIG).get("chat_template")
+                              chat_template=chat_template_for(source, adapter_path))

@@ -35,6 +35,7 @@ from elm_mlx.lora.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_state,
+    remove_leftovers,
     save_checkpoint,
 )
 from elm_mlx.lora.config import FinetuneConfig
@@ -48,7 +49,8 @@ from elm_mlx.lora.data import (
 )
 from elm_mlx.lora.report import Reporter
 from elm_spec import ElmError
-from elm_spec.output import write_json_atomic, writing
+from elm_spec.outputs import crash_point, output_lock
+from elm_spec.writes import write_json_atomic, writing
 
 # Settings a resumed run must share with the run it continues.
 RESUME_SETTINGS = ("fine_tune_type", "rank", "lora_scale", "dropout", "keys", "iters",
@@ -187,9 +189,13 @@ def prepare_output(adapter_path: Path, resume: bool) -> Path | None:
 
 
 def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str, float]:
-    """Run a fine-tuning job; returns the final validation and test losses that were measured."""
-    with writing(config.adapter_path):
-        return _finetune(config, console or Console())
+    """Run a fine-tuning job; returns the final validation and test losses that were measured.
+
+    The adapter directory is locked against a second run for the whole job."""
+    adapter_path = Path(config.adapter_path)
+    with writing(adapter_path), output_lock(adapter_path):
+        remove_leftovers(adapter_path)
+        return _finetune(config, console or Console(), adapter_path)
 
 
 def check_finite_loss(step: int, loss: float) -> None:
@@ -200,8 +206,7 @@ def check_finite_loss(step: int, loss: float) -> None:
                        "that the tokenizer fits the model's vocabulary)")
 
 
-def _finetune(config: FinetuneConfig, console: Console) -> dict[str, float]:
-    adapter_path = Path(config.adapter_path)
+def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> dict[str, float]:
     resume_from = prepare_output(adapter_path, config.resume)
 
     model, tokenizer = load(config.model)
@@ -297,9 +302,13 @@ def _finetune(config: FinetuneConfig, console: Console) -> dict[str, float]:
                 reporter.validation(step, results["val_loss"], time.perf_counter() - tic)
                 model.train()
             if step % config.save_every == 0 or step == config.iters:
-                write_adapter_weights(adapter_path, model)
+                # The checkpoint first: a run killed before the adapters are written resumes
                 save_checkpoint(adapter_path, step, model, optimizer,
                                 {"trained_tokens": trained_tokens, "settings": settings})
+                crash_point("finetune-checkpoint")
+                write_adapter_weights(adapter_path, model)
+        if not (adapter_path / ADAPTER_WEIGHTS).exists():  # resumed a finished run killed early
+            write_adapter_weights(adapter_path, model)
     model.eval()
     if config.test:
         results["test_loss"] = evaluate(model, streams["test"], config.test_batches,

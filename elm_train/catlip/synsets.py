@@ -149,18 +149,19 @@ def _index_cache_file(root: Path) -> Path:
         stat = (root / name).stat()
         stamp.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
     digest = hashlib.sha256("|".join(stamp).encode()).hexdigest()[:16]
-    return cache_dir() / f"wordnet-index-{digest}.pickle"
+    return cache_dir() / f"wordnet-index-{digest}.json"
 
 
 def _wordnet_reader_class():
-    import pickle
+    import json
+    from collections import defaultdict
 
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     class EnglishWordNet(WordNetCorpusReader):
         """NLTK's WordNet reader, loading in about a tenth of the time: it skips the synset map
         to other WordNet versions (used only by the multilingual OMW functions) and keeps the
-        parsed lemma index and adjective-satellite set in a pickle beside the cached data
+        parsed lemma index and adjective-satellite set in a JSON file (data, never code) beside the cached data
         (NLTK re-parses the text index files, about 10 s of CPU, in every process)."""
 
         def _scan_satellites(self) -> None:
@@ -169,10 +170,11 @@ def _wordnet_reader_class():
             self._index_cache = _index_cache_file(root) if (root / "index.noun").is_file() else None
             if self._index_cache is not None and self._index_cache.is_file():
                 try:
-                    with self._index_cache.open("rb") as handle:
-                        self._cached_index = pickle.load(handle)
-                except (OSError, pickle.UnpicklingError, EOFError):
-                    self._cached_index = None
+                    cached = json.loads(self._index_cache.read_text())
+                    self._cached_index = {"satellites": set(cached["satellites"]),
+                                          "lemmas": defaultdict(dict, cached["lemmas"])}
+                except (OSError, ValueError, KeyError, TypeError):
+                    self._cached_index = None  # unreadable: rebuilt from the WordNet files
             if self._cached_index is not None:
                 self.satellite_offsets = self._cached_index["satellites"]
             else:
@@ -187,12 +189,12 @@ def _wordnet_reader_class():
                 self._write_index_cache()
 
         def _write_index_cache(self) -> None:
-            data = {"satellites": self.satellite_offsets, "lemmas": self._lemma_pos_offset_map}
+            data = {"satellites": sorted(self.satellite_offsets), "lemmas": self._lemma_pos_offset_map}
             try:
                 self._index_cache.parent.mkdir(parents=True, exist_ok=True)
                 fd, staging = tempfile.mkstemp(dir=self._index_cache.parent, suffix=".tmp")
-                with os.fdopen(fd, "wb") as handle:
-                    pickle.dump(data, handle, protocol=pickle.HIGHEST_PROTOCOL)
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(data, handle)
                 os.replace(staging, self._index_cache)
             except OSError:
                 pass  # a read-only cache only costs speed

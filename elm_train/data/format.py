@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from elm_spec import ElmError
-from elm_spec.modeldir import read_json, write_json
+from elm_spec.modeldir import listed_file, read_json, write_json
 
 FORMAT = "elm-tokens-v1"
 INDEX_FILE = "index.json"
@@ -67,7 +67,8 @@ def read_index(directory: str | os.PathLike[str]) -> TokenData:
         raise ElmError(f"{root / INDEX_FILE}: format is {index.get('format')!r}, expected {FORMAT!r}")
     try:
         dtype = np.dtype(index["dtype"])
-        splits = {name: [Shard(root / entry["file"], int(entry["tokens"])) for entry in entries]
+        splits = {name: [Shard(listed_file(root, entry["file"], root / INDEX_FILE), int(entry["tokens"]))
+                         for entry in entries]
                   for name, entries in index["splits"].items()}
         data = TokenData(root, dtype, int(index["vocab_size"]), int(index["eos_id"]), splits,
                          index.get("stats", {}))

@@ -33,6 +33,7 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir
+from elm_spec.outputs import crash_point
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
 from elm_train.data.format import Shard, shard_name, token_dtype, write_index
@@ -40,6 +41,7 @@ from elm_train.data.sources import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
     ReadOptions,
+    SourceFile,
     expand_sources,
     plan_chunks,
     read_chunk,
@@ -184,10 +186,23 @@ class ChunkTokenizer:
 _WORKER: ChunkTokenizer | None = None
 
 
-def _start_worker(tokenizer_file: Path, options: PrepareOptions) -> None:
+def _start_worker(tokenizer_file: Path, options: PrepareOptions, parent: int) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    exit_with_parent(parent)
     _WORKER = ChunkTokenizer(tokenizer_file, options)
+
+
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when PARENT dies (even by SIGKILL, when it cannot stop
+    its pool); where prctl is missing (macOS) the pool's own broken-pipe handling remains."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
@@ -209,7 +224,7 @@ def tokenize_in_order(chunks: Iterable[Chunk], tokenizer_file: Path, options: Pr
     which bounds memory whatever the corpus size.
     """
     pool = ProcessPoolExecutor(options.workers, mp_context=_process_context(),
-                               initializer=_start_worker, initargs=(tokenizer_file, options))
+                               initializer=_start_worker, initargs=(tokenizer_file, options, os.getpid()))
     pending: deque[Future] = deque()
     chunk_iterator = iter(chunks)
 
@@ -277,20 +292,32 @@ def prepare_data(sources: Sequence[str | os.PathLike[str]], tokenizer: str | os.
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
     files = expand_sources(sources, options.source_format)
+    chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
+    return write_prepared(tokenize_in_order(chunks, tok.path, options), tok, files, output,
+                          options, force=force, show_progress=show_progress)
+
+
+def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequence[SourceFile],
+                   output: str | os.PathLike[str], options: PrepareOptions, force: bool = False,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Write chunk RESULTS (in corpus order) as shards, tokenizer files and index.json into OUTPUT.
+
+    Shared by every backend, so that the same results give the same bytes.
+    """
     dtype = token_dtype(tok.vocab_size)
     totals: Counter = Counter()
     with atomic_output_dir(output, force=force) as staging:
         writer = ShardWriter(staging, dtype, options.shard_tokens)
         total_bytes = sum(f.path.stat().st_size for f in files)
-        chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
         with _progress_bar(total_bytes, show_progress) as advance:
-            for result in tokenize_in_order(chunks, tok.path, options):
+            for result in results:
                 writer.write("train", result.train)
                 writer.write("valid", result.valid)
                 totals.update(result.counts)
                 totals["tokens_train"] += result.train.size
                 totals["tokens_valid"] += result.valid.size
                 advance(result.source_bytes, totals)
+                crash_point("data-prepare")
         splits = writer.close()
         stats = _stats(totals, options, files_count=len(files), source_bytes=total_bytes)
         kept = stats["documents_kept"]

@@ -54,7 +54,7 @@ def writing(destination: str | os.PathLike[str]) -> Iterator[None]:
     ElmError naming DESTINATION; other errors pass through unchanged."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # safetensors' SafetensorError derives from Exception only
         failure = write_failure(destination, error)
         if failure is None:
             raise

@@ -1,0 +1,85 @@
+"""`elm chat`: a terminal chat with a model (and adapters), streaming, with history."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from apps.commands.generate import CHAT_TEMPLATE_HELP
+from apps.process import keep_torch_out
+
+HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("chat")
+    def chat(
+        model: Path = typer.Option(..., "--model", help="Model directory (plain or quantized)."),
+        adapter_path: Path = typer.Option(None, "--adapter-path", help="LoRA adapter directory."),
+        chat_template: str = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+        system_prompt: str = typer.Option(None, "--system-prompt", help="System turn of every chat."),
+        max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens per answer."),
+        temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
+        min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability."),
+        seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+        verbose: bool = typer.Option(False, "--verbose", help="After each answer, print how many "
+                                     "prompt tokens were prefilled and how many came from the cache."),
+    ) -> None:
+        """Chat with a model in the terminal; Ctrl-C stops an answer, Ctrl-D or /quit leaves."""
+        keep_torch_out()
+        from elm_mlx import load
+        from elm_mlx.chat import ChatSession, TurnStats
+        from elm_mlx.generate import NO_TEMPLATE_ADVICE
+        from elm_spec import ElmError
+
+        mlx_model, tokenizer = load(model, adapter_path=adapter_path, chat_template=chat_template)
+        if not tokenizer.has_chat_template:
+            raise ElmError(NO_TEMPLATE_ADVICE)
+        options = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       seed=seed)
+        session = ChatSession(mlx_model, tokenizer, system_prompt, options)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(HELP)
+        while True:
+            try:
+                line = input(">> " if interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                return
+            if text == "/reset":
+                session.reset()
+                print("[new conversation]", flush=True)
+                continue
+            if text == "/system" or text.startswith("/system "):
+                session.system_prompt = text[len("/system"):].strip() or None
+                session.reset()
+                print("[system prompt set; new conversation]", flush=True)
+                continue
+            if text.startswith("/"):
+                print(f"[unknown command {text.split()[0]}; {HELP}]", flush=True)
+                continue
+            stats: list[TurnStats] = []
+            answer = session.send(text, stats)
+            try:
+                for response in answer:
+                    print(response.text, end="", flush=True)
+            except KeyboardInterrupt:
+                answer.close()
+                print(" [stopped]", end="")
+            print(flush=True)
+            if verbose and stats:
+                turn = stats[0]
+                print(f"[prompt {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled, "
+                      f"{turn.prompt_tokens - turn.prefilled_tokens} from the cache; "
+                      f"{turn.generation_tokens} generated at {turn.generation_tps:.1f} tokens/s]",
+                      flush=True)

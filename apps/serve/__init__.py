@@ -1,0 +1,1 @@
+"""`elm serve`: an OpenAI-compatible HTTP server with a chat page, on Starlette and uvicorn."""

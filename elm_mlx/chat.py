@@ -1,0 +1,99 @@
+"""A multi-turn chat with one KV cache kept across turns, behind `elm chat`.
+
+Each turn renders the whole conversation with the chat template (`elm_mlx.load` picks it),
+keeps the cached prefix that the new rendering shares with what the cache holds, trims the
+rest, and prefills only the new tokens: on turn N only turn N's text (plus the template's
+glue) goes through the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from elm_mlx.generate import encode_messages, stream_generate
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int  # the whole rendered conversation
+    prefilled_tokens: int  # what went through the model this turn
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+
+
+@dataclass
+class ChatSession:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    system_prompt: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # stream_generate's sampling options
+    draft_model: nn.Module | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    cache: list[Any] = field(init=False)
+    cached: list[int] = field(default_factory=list)  # the tokens the cache holds
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays) and empty the cache."""
+        self.messages = []
+        self.cache = make_prompt_cache(self.model)
+        if self.draft_model is not None:
+            self.cache += make_prompt_cache(self.draft_model)
+        self.cached = []
+
+    def conversation(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + self.messages
+
+    def _reuse(self, ids: list[int]) -> list[int]:
+        """Trim the cache to its longest prefix shared with IDS; return the tokens to prefill."""
+        common = 0
+        for cached, new in zip(self.cached, ids, strict=False):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last prompt token is always fed
+        if common < len(self.cached):
+            if not can_trim_prompt_cache(self.cache):
+                self.cache = make_prompt_cache(self.model) + (
+                    make_prompt_cache(self.draft_model) if self.draft_model is not None else [])
+                common = 0
+            else:
+                trim_prompt_cache(self.cache, len(self.cached) - common)
+        self.cached = ids[:common]
+        return ids[common:]
+
+    def send(self, text: str, stats: list[TurnStats] | None = None
+             ) -> Iterator[GenerationResponse]:
+        """Stream the answer to user message TEXT. The answer (what was generated, even if the
+        caller stops early) joins the history when the generator is closed or exhausted."""
+        self.messages.append({"role": "user", "content": text})
+        ids = encode_messages(self.tokenizer, self.conversation())
+        rest = self._reuse(ids)
+        turn = TurnStats(len(ids), len(rest))
+        if stats is not None:
+            stats.append(turn)
+        answer, generated = [], []
+        try:
+            for response in stream_generate(self.model, self.tokenizer, rest,
+                                            prompt_cache=self.cache, draft_model=self.draft_model,
+                                            **self.options):
+                answer.append(response.text)
+                generated.append(response.token)
+                turn.generation_tokens = response.generation_tokens
+                turn.generation_tps = response.generation_tps
+                yield response
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+            held = self.cache[0].offset
+            self.cached = (ids + generated)[:held]
+

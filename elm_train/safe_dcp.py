@@ -1,0 +1,133 @@
+"""Reading torch.distributed.checkpoint directories without executing anything from them.
+
+DCP itself unpickles `.metadata` with plain `pickle.load` and non-tensor values (optimizer
+hyper-parameters) with `torch.load(weights_only=False)`: a crafted checkpoint would run code in
+every command that reads it. Here `.metadata` goes through an unpickler that admits only DCP's
+own metadata classes, every stored value through `torch.load(weights_only=True)`, and every
+storage file named by the metadata must lie inside the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import ReadItem
+
+from elm_spec import ElmError
+from elm_spec.modeldir import listed_file
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch.strided etc.
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """A FileSystemReader whose metadata cannot run code or name files outside its directory."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with self.fs.create_stream(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
+                IndexError, ImportError) as error:
+            raise ElmError(f"{path}: not checkpoint metadata; refused to unpickle it ({error})"
+                           ) from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise ElmError(f"{path}: not checkpoint metadata (holds {type(metadata).__name__})")
+        _check_storage_files(metadata, Path(self.path), path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_storage_files(metadata: dcp_metadata.Metadata, directory: Path, source: Path) -> None:
+    for info in (metadata.storage_data or {}).values():
+        if not isinstance(info, _StorageInfo):
+            raise ElmError(f"{source}: malformed storage entry ({type(info).__name__})")
+        listed_file(directory, info.relative_path, source)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads non-tensor values with `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
+            raise ElmError(f"value {read_item.dest_index.fqn!r}: refused to unpickle it "
+                           f"({detail[:200]})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def read_metadata(directory: str | os.PathLike[str]) -> dcp_metadata.Metadata:
+    """The metadata of the DCP checkpoint in DIRECTORY (ElmError if it cannot be trusted/read)."""
+    metadata_file = Path(directory) / ".metadata"
+    try:
+        return SafeFileSystemReader(str(directory)).read_metadata()
+    except OSError as error:
+        raise ElmError(f"{metadata_file}: cannot be read ({error.strerror or error})") from None
+
+
+def safe_load(state: dict[str, Any], directory: str | os.PathLike[str], *, no_dist: bool = True,
+              what: str = "cannot be loaded into this model") -> None:
+    """`dcp.load(STATE)` from DIRECTORY in place; every failure becomes one ElmError line."""
+    read_metadata(directory)  # first, so that DCP never logs its fallback for unreadable metadata
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)),
+                 planner=SafeLoadPlanner(), no_dist=no_dist)
+    except ElmError:
+        raise
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        cause = original_error(error)
+        if isinstance(cause, ElmError):
+            raise ElmError(str(cause)) from None
+        raise ElmError(f"{directory}: {what} ({first_line(cause)})") from None
+
+
+def original_error(error: BaseException) -> BaseException:
+    """The first rank's own exception inside a CheckpointException (else ERROR itself)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        inner = next(iter(error.failures.values()))[0]
+        return original_error(inner)
+    return error
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
