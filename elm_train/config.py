@@ -379,7 +379,8 @@ def _check_values(config: Config) -> None:
 
 # Keys a resumed run must share with the checkpoint it continues: they shape the data order,
 # the optimizer state or the learning-rate schedule (train.max_steps may grow: a longer run).
-RESUME_KEYS = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps",
+# Not the micro-batch or accumulation: a run may resume on another process count.
+RESUME_KEYS = ("train.seq_len", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps",
                "optim.warmup_init_lr", "optim.weight_decay", "optim.betas", "optim.eps",
                "data.seed")
 
