@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from elm_spec.errors import ElmError
+from elm_spec.writes import make_parents, write_failure
 
 
 def lock_path(output: Path) -> Path:
@@ -31,14 +32,15 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[Path]:
     A second writer gets one ElmError line naming OUTPUT and the process that holds it.
     """
     target = Path(output).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(target)
     path = lock_path(target)
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
-            raise ElmError(f"{path}: cannot create the output's lock file "
-                           f"({error.strerror or error})") from None
+            raise write_failure(target, error) or ElmError(
+                f"{path}: cannot create the output's lock file ({error.strerror or error})"
+            ) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

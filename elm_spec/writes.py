@@ -25,6 +25,9 @@ WRITE_FAILURES = {
 }
 # safetensors' Rust writer reports the OS error only in its message.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer (inline_container.cc) names no cause either: a short write shows as a
+# position mismatch or a failed write.
+_TORCH_ZIP_WRITE = re.compile(r"inline_container\.cc.*(unexpected pos|file write failed)")
 
 
 def _write_errno(error: BaseException) -> int | None:
@@ -34,14 +37,25 @@ def _write_errno(error: BaseException) -> int | None:
     if type(error).__name__ == "SafetensorError":
         match = _RUST_OS_ERROR.search(str(error))
         return int(match.group(1)) if match else None
-    if isinstance(error, RuntimeError) and str(error).startswith("[write]"):
-        return errno.EIO  # MLX's writers name no cause; a full disk is the usual one
+    if isinstance(error, RuntimeError) and (str(error).startswith("[write]")
+                                            or _TORCH_ZIP_WRITE.search(str(error))):
+        return errno.EIO  # MLX's and torch's writers name no cause; a full disk is the usual one
     return None
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """The first rank's own exception inside torch.distributed.checkpoint's CheckpointException
+    (which wraps every rank's failure, and derives from BaseException); else ERROR itself."""
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return _first_failure(inner[0] if isinstance(inner, tuple) else inner)
+    return error
 
 
 def write_failure(destination: str | os.PathLike[str], error: BaseException) -> ElmError | None:
     """The one-line error for a failed write under DESTINATION, or None if ERROR is not one."""
-    code = _write_errno(error)
+    code = _write_errno(_first_failure(error))
     if code not in WRITE_FAILURES and code != errno.EIO:
         return None
     reason = WRITE_FAILURES.get(code, "is the disk full?")
@@ -54,7 +68,9 @@ def writing(destination: str | os.PathLike[str]) -> Iterator[None]:
     ElmError naming DESTINATION; other errors pass through unchanged."""
     try:
         yield
-    except Exception as error:  # safetensors' SafetensorError derives from Exception only
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as error:  # DCP's CheckpointException derives from BaseException only
         failure = write_failure(destination, error)
         if failure is None:
             raise
@@ -65,7 +81,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write TEXT to PATH through a temporary file beside it, renamed into place when complete."""
     path = Path(path)
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(path)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -75,6 +91,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def make_parents(path: str | os.PathLike[str]) -> None:
+    """Create the directories above PATH; one ElmError line naming the file in the way when a
+    component of the path is a file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()),
+                          path.parent)
+        raise ElmError(f"{in_the_way}: is a file, not a directory; cannot write {path} "
+                       "below it") from None
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:

@@ -137,19 +137,26 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
         self.ctx.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging),
-                 no_dist=not self.ctx.distributed)
-        torch.save({"rng": rng_state()}, staging / rank_file(self.ctx.rank))
-        self.ctx.barrier()
+        try:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging),
+                     no_dist=not self.ctx.distributed)
+            torch.save({"rng": rng_state()}, staging / rank_file(self.ctx.rank))
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                trainer = {"step": step, "world_size": self.ctx.world_size,
+                           "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
+                (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n")
+                (staging / CONFIG_COPY).write_text(config_text)
+                if task is not None and hasattr(task, "write_checkpoint_files"):
+                    task.write_checkpoint_files(staging)
+                _fsync_dir(staging)
+        except BaseException:
+            # a failed write (a full disk, say) leaves no half checkpoint behind
+            if self.ctx.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.ctx.is_main:
-            trainer = {"step": step, "world_size": self.ctx.world_size,
-                       "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
-            (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n")
-            (staging / CONFIG_COPY).write_text(config_text)
-            if task is not None and hasattr(task, "write_checkpoint_files"):
-                task.write_checkpoint_files(staging)
-            _fsync_dir(staging)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)

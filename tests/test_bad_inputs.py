@@ -3,11 +3,9 @@ names the file, key or flag at fault, and every file that was there before left 
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from apps.cli import main
 from elm_spec import ElmError, ModelSpec
-from elm_spec.writes import write_failure, writing
 from tests.test_train_fixtures import token_data_fixture  # noqa: F401  (the token_data fixture)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -287,89 +284,7 @@ def test_resume_with_other_settings_and_metrics_without_repeats(work: Path, toke
     assert 9.0 not in [json.loads(line).get("loss") for line in lines]
 
 
-# ----- write failures: one writer layer for every command ------------------------------------
-@pytest.mark.parametrize(("error", "reason"), [
-    (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
-    (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
-    (OSError(errno.EACCES, "Permission denied"), "permission denied"),
-    (type("SafetensorError", (Exception,), {})(
-        "Error while serializing: I/O error: No space left on device (os error 28)"), "disk full"),
-    (RuntimeError("[write] Unable to write 2291 bytes to file."), "is the disk full?"),
-], ids=["ENOSPC", "EROFS", "EACCES", "safetensors", "mlx"])
-def test_write_failures_are_one_line(error: BaseException, reason: str) -> None:
-    failure = write_failure("out/model", error)
-    assert failure is not None and str(failure) == (
-        f"out/model: write failed ({reason}); nothing was changed there")
-
-
-def test_other_errors_pass_through_the_writer() -> None:
-    with pytest.raises(FileNotFoundError), writing("out"):
-        raise FileNotFoundError(errno.ENOENT, "No such file", "input.txt")
-    with pytest.raises(RuntimeError, match="a bug"), writing("out"):
-        raise RuntimeError("a bug")
-
-
-def _mount_tmpfs(directory: Path, options: str) -> bool:
-    directory.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
-                            capture_output=True)
-    return result.returncode == 0
-
-
-@pytest.fixture(params=["disk full", "read-only file system"])
-def broken_disk(request, tmp_path_factory: pytest.TempPathFactory):
-    """A directory on a 64 KiB tmpfs holding one earlier output, or on a read-only tmpfs
-    (needs root and permission to mount, as CI's containers grant)."""
-    directory = tmp_path_factory.mktemp("disk") / "mnt"
-    full = request.param == "disk full"
-    if not _mount_tmpfs(directory, "size=64k" if full else "ro,size=64k"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    if full:
-        (directory / "keep.txt").write_text("an earlier output lives here")
-    yield directory, request.param
-    subprocess.run(["umount", str(directory)], check=True)
-
-
-def writer_commands(work: Path, token_data: Path, disk: Path) -> dict[str, list[str]]:
-    return {
-        "init": ["init", str(disk / "model"), "--preset", "elm-tiny"],
-        "data prepare": ["data", "prepare", str(work / "data" / "train.jsonl"), "--tokenizer",
-                         str(work / "model"), "--out", str(disk / "tokens"), "--min-chars", "0",
-                         "--min-tokens", "0", "--workers", "1", "--shard-tokens", "100000"],
-        "finetune": finetune_args(work, "--save-every", "2", adapters=disk / "adapters"),
-        "eval --output": ["eval", "perplexity", "--model", str(work / "model"), "--data",
-                          str(work / "data" / "train.jsonl"), "--backend", "torch", "--output",
-                          str(disk / "result.json")],
-        "train": ["train", str(train_config(work, token_data)), f"log.run_dir={disk}/run",
-                  f"checkpoint.dir={disk}/ckpt", "checkpoint.every=1"],
-        "export": ["export", str(work / "ckpt-src"), str(disk / "exported")],
-        "fuse": ["fuse", "--model", str(work / "model"), "--adapter-path",
-                 str(work / "adapters-src"), "--save-path", str(disk / "fused")],
-    }
-
-
-@pytest.fixture(scope="module")
-def trained_sources(tmp_path_factory: pytest.TempPathFactory, base_model: Path,
-                    token_data: Path) -> Path:
-    """A training checkpoint (for export) and adapters (for fuse), made once."""
-    from tests.test_train_fixtures import train_in_process, write_config
-
-    root = tmp_path_factory.mktemp("sources")
-    config = write_config(root / "train.yaml", token_data, root / "run",
-                          train={"max_steps": 1, "seq_len": 16, "micro_batch_size": 2},
-                          checkpoint={"dir": str(root / "ckpt")})
-    train_in_process(config)
-    data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x\n" * 8}) + "\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--lora", "--model", str(base_model), "--data", str(data),
-              "--adapter-path", str(root / "adapters"), "--iters", "1", "--batch-size", "1",
-              "--max-seq-length", "64"])
-    assert exit_info.value.code == 0
-    return root
-
-
+# ----- Ctrl-C ---------------------------------------------------------------------------------
 def test_interrupt_is_one_line(work: Path, capsys, monkeypatch) -> None:
     """Ctrl-C: one line and the shell's 130, nothing written."""
     import elm_train.modeldir

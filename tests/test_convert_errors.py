@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from apps.cli import main
 from elm_spec import ModelSpec
 from tests.conftest import REPO
+from tests.disk_support import limit_file_size
 from tests.test_convert_helpers import corenet_yaml, save_corenet
 
 TINY = ModelSpec.from_preset("elm-tiny")
@@ -178,15 +177,10 @@ def test_corenet_shape_mismatch(tmp_path: Path, dst: Path, tokenizer_dir: Path, 
 def test_disk_full_mid_write(source: Path, dst: Path) -> None:
     """A real write failure part-way through the weights (file size limit in a subprocess)."""
     before = snapshot(dst)
-
-    def limit_file_size() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-
     env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0"}
     result = subprocess.run([sys.executable, "-m", "apps", "convert", str(source), str(dst), "--force"],
-                            capture_output=True, text=True, env=env, preexec_fn=limit_file_size,
-                            timeout=300)
+                            capture_output=True, text=True, env=env,
+                            preexec_fn=lambda: limit_file_size(200_000), timeout=300)
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "write failed" in errors[0], result.stderr
