@@ -169,6 +169,7 @@ class _Active:
 class ServedModel:
     model: nn.Module
     tokenizer: TokenizerWrapper
+    parent: str | None = None  # for adapters: the name of the base model they are applied to
 
 
 def load_served_models(model_dir: str | os.PathLike[str],
@@ -178,10 +179,11 @@ def load_served_models(model_dir: str | os.PathLike[str],
     after it, first: the default), all sharing the base weights. Each tokenizer carries the
     chat template `elm_spec.chat_template` picks for its adapters."""
     base, tokenizer = load(model_dir, chat_template=chat_template)
+    base_name = Path(model_dir).name
     served = {}
     for adapter_path in adapter_paths:
         name = Path(adapter_path).name
-        if name in served or name == Path(model_dir).name:
+        if name in served or name == base_name:
             raise ElmError(f"--adapter-path {adapter_path}: another served model is named {name!r}")
         model = load_model(model_dir, lazy=True)
         model.update(base.parameters())  # shared arrays: the base weights are held once
@@ -189,8 +191,8 @@ def load_served_models(model_dir: str | os.PathLike[str],
         mx.eval(model.parameters())  # on this thread: MLX streams are per thread
         adapted = read_tokenizer(Path(model_dir), model.spec.eos_token_id)
         set_chat_template(adapted, chat_template_for(model_dir, adapter_path, chat_template))
-        served[name] = ServedModel(model, adapted)
-    served[Path(model_dir).name] = ServedModel(base, tokenizer)
+        served[name] = ServedModel(model, adapted, parent=base_name)
+    served[base_name] = ServedModel(base, tokenizer)
     return served
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One-step set-up: a virtual environment in .venv with elm and everything its tests need.
-# Linux: the CPU build of PyTorch, MLX's CPU wheel, and (as root) Debian's OpenBLAS and WordNet.
+# Linux: the CPU build of PyTorch, MLX's CPU wheel, and (as root) Debian's OpenBLAS, WordNet, and
+# chromium with chromium-driver (the chat page's browser test).
 # macOS: MLX with Metal; add PyTorch yourself if you also train on the Mac.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-  if ! dpkg -s libopenblas0-pthread wordnet-base wordnet-sense-index >/dev/null 2>&1; then
+  PACKAGES=(libopenblas0-pthread wordnet-base wordnet-sense-index chromium chromium-driver)
+  if ! dpkg -s "${PACKAGES[@]}" >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      libopenblas0-pthread wordnet-base wordnet-sense-index >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
   fi
 fi
 

@@ -14,14 +14,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from apps.serve.protocol import ChatRequest, CompletionRequest, Sampling
 from elm_mlx.generate import encode_messages
@@ -31,6 +33,11 @@ from elm_mlx.serving import Sampling as EngineSampling
 from elm_spec import ElmError
 
 DISCONNECT_POLL_S = 0.25
+STATIC = Path(__file__).parent / "static"
+# The page loads nothing from elsewhere; the browser is told to refuse anything that would.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 @dataclass
@@ -293,14 +300,17 @@ class Server:
     async def list_models(self, http: HTTPRequest) -> Response:
         self.check_auth(http)
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "elm"}
-            for name in self.engine.models]})
+            {"id": name, "object": "model", "created": self.created, "owned_by": "elm",
+             "parent": served.parent} for name, served in self.engine.models.items()]})
 
     async def health(self, http: HTTPRequest) -> Response:
         if not self.engine.healthy:
             return JSONResponse({"status": "error", "detail": self.engine.failure}, status_code=503)
         return JSONResponse({"status": "ok", "in_flight": self.engine.in_flight})
 
+    async def page(self, http: HTTPRequest) -> Response:
+        """The chat page; it holds no data, so it needs no key (its API calls do)."""
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -326,6 +336,8 @@ def build_app(engine: Engine, settings: ServerSettings | None = None) -> Starlet
                                        if error.status_code == 404 else None))
 
     routes = [
+        Route("/", server.page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/health", guarded(server.health), methods=["GET"]),
         Route("/v1/models", guarded(server.list_models), methods=["GET"]),
         Route("/v1/completions", guarded(server.completions), methods=["POST"]),
