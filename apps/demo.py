@@ -8,7 +8,6 @@ engine, exported to a model directory, converted to MLX, and sampled from with m
 from __future__ import annotations
 
 import math
-import os
 import sysconfig
 import time
 from collections.abc import Callable
@@ -34,13 +33,15 @@ class DemoOptions:
     micro_batch_size: int = 4
     lr: float = 5e-3
     preset: str = "elm-demo"
-    prompt: str = "def "
+    # "def", not "def ": a trailing space becomes a token of its own ('▁'), which the corpus
+    # never has before a word, and the samples after it are gibberish.
+    prompt: str = "def"
     max_tokens: int = 120
     temp: float = 0.7
     seed: int = 0
     max_corpus_bytes: int = 8_000_000
     force: bool = False
-    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS if set, else every core
+    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS if set, else idle cores
 
 
 @dataclass
@@ -116,12 +117,38 @@ def mlx_held_out_loss(model, data_dir: Path, seq_len: int, micro_batch_size: int
     return float(np.mean(losses))
 
 
+def record_final_paths(staging: Path, final: Path) -> None:
+    """Write FINAL for STAGING in what the run recorded (its config, each checkpoint's copy of
+    it, the metrics log), so `elm train FINAL/run/train_config.yaml` resumes the demo's run."""
+    import json
+
+    import yaml
+
+    from elm_train.checkpoint import CONFIG_COPY
+
+    def moved(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [moved(item) for item in value]
+        if isinstance(value, str) and value.startswith(str(staging)):
+            return str(final) + value[len(str(staging)):]
+        return value
+
+    for config in [staging / "run" / CONFIG_COPY, *staging.glob(f"checkpoints/*/{CONFIG_COPY}")]:
+        config.write_text(yaml.safe_dump(moved(yaml.safe_load(config.read_text())),
+                                         sort_keys=False))
+    metrics = staging / "run" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(moved(json.loads(line))) + "\n"
+                               for line in metrics.read_text().splitlines() if line.strip()))
+
+
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoResult:
     from convert import ConvertOptions, convert
     from elm_spec.modeldir import atomic_output_dir
     from elm_spec.tokenizer import train_tokenizer
     from elm_train.config import load_config
-    from elm_train.data.prepare import PrepareOptions, default_workers, prepare_data
+    from elm_train.data.prepare import PrepareOptions, prepare_data
     from elm_train.data.sources import ReadOptions, expand_sources, iter_texts
     from elm_train.export import export_checkpoint
     from elm_train.plot import plot_run
@@ -160,10 +187,9 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
         import torch
 
-        if options.threads is not None:
-            torch.set_num_threads(options.threads)
-        elif "OMP_NUM_THREADS" not in os.environ:  # torch counts physical cores; use every one
-            torch.set_num_threads(default_workers())
+        from elm_train.parallel import choose_cpu_threads
+
+        threads = choose_cpu_threads("auto", options.threads or 0)
         on_gpu = torch.cuda.is_available()
         config = load_config(data={
             "model": {"preset": options.preset},
@@ -172,22 +198,24 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
                       "min_lr_ratio": 0.1},
             "train": {"seq_len": options.seq_len, "micro_batch_size": options.micro_batch_size,
                       "max_steps": options.steps, "seed": options.seed,
-                      "dtype": "bfloat16" if on_gpu else "float32",
+                      "dtype": "bfloat16" if on_gpu else "float32", "threads": options.threads or 0,
                       "eval_every": max(1, options.steps // 5), "eval_batches": EVAL_BATCHES},
             "checkpoint": {"dir": str(staging / "checkpoints")},
             "log": {"run_dir": str(staging / "run"), "every": 10},
         })
         say(f"training {options.preset} for {options.steps} steps of "
             f"{options.micro_batch_size} x {options.seq_len} tokens on "
-            f"{'cuda' if on_gpu else f'cpu, torch threads: {torch.get_num_threads()}'}")
+            f"{'cuda' if on_gpu else f'cpu, {threads}'}")
         trained = train(config)
         result.valid_loss = trained.valid_loss if trained.valid_loss is not None else math.nan
         lap("train")
         export_checkpoint(trained.checkpoint, staging / "model")
         convert(staging / "model", staging / "mlx",
-                ConvertOptions(target="mlx", verify=True, progress=False))
+                ConvertOptions(target="mlx", verify=True, progress=False),
+                say=lambda line: say(line.replace(str(staging), str(options.output))))
         plot_run(staging / "run", staging / "curves.png",
                  title=f"elm demo: {options.preset}, {options.steps} steps")
+        record_final_paths(staging, options.output)
         lap("export")
 
     final = options.output

@@ -68,19 +68,26 @@ class ConvertOptions:
     outtype: str | None = None  # GGUF tensor type (--to gguf): f32, f16, bf16 or q8_0
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 @dataclass
 class ConvertReport:
     destination: Path
     lines: list[str] = field(default_factory=list)
     bits_per_weight: float | None = None
     verify: Any = None
+    echo: Callable[[str], None] = _to_stderr
 
     def say(self, line: str) -> None:
         self.lines.append(line)
-        print(line, file=sys.stderr)
+        self.echo(line)
 
 
-def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertReport:
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions,
+            say: Callable[[str], None] = _to_stderr) -> ConvertReport:
+    """Convert SRC to DST; SAY gets each line of the summary as it is made."""
     src, dst = Path(src), Path(dst)
     refuse_overlap(src, dst)
     catlip = _catlip_converter(src)
@@ -101,7 +108,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions) -> Conver
     if options.outtype is not None and options.target != "gguf":
         raise ElmError("--outtype applies to --to gguf; use --dtype or --quantize for other targets")
     source = open_source(src, options.source_kind, shape)
-    report = ConvertReport(dst)
+    report = ConvertReport(dst, echo=say)
     report.say(source.describe())
     if options.target == "gguf":
         from convert.gguf_writer import write_gguf

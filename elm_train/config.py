@@ -75,6 +75,9 @@ class TrainSection:
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"
+    # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else (from `elm train`) the
+    # cores the load average leaves idle.
+    threads: int = 0
     eval_every: int = 0
     eval_batches: int = 20
 
@@ -134,7 +137,7 @@ POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps",
             "log.every", "checkpoint.keep", "train.eval_batches")
 NON_NEGATIVE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.warmup_init_lr",
                 "optim.weight_decay", "optim.eps", "optim.grad_clip", "optim.z_loss",
-                "checkpoint.every", "train.eval_every", "log.peak_flops")
+                "checkpoint.every", "train.eval_every", "train.threads", "log.peak_flops")
 
 
 # ----- recipes (FACTS.md section 3: CoreNet's OpenELM configs) --------------------------

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from elm_spec import ElmError
+from elm_spec.platform import idle_cores, load_summary
 
 
 @dataclass
@@ -62,6 +63,28 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
             raise ElmError("train.device: 'cuda' requested but no CUDA device is available")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def choose_cpu_threads(device_preference: str, configured: int = 0) -> str | None:
+    """Set torch's CPU threads per process for a run on the CPU and say how they were chosen:
+    CONFIGURED (train.threads) when set, else OMP_NUM_THREADS when set (torch reads it), else
+    the cores the load average leaves idle, shared among this node's processes. None off the CPU.
+
+    Commands call this; `train()` itself applies only train.threads, so a program that set
+    torch's threads keeps them.
+    """
+    if resolve_device(device_preference, int(os.environ.get("LOCAL_RANK", "0"))).type != "cpu":
+        return None
+    if configured:
+        torch.set_num_threads(configured)
+        why = "train.threads"
+    elif "OMP_NUM_THREADS" in os.environ:
+        why = "OMP_NUM_THREADS"
+    else:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(idle_cores(processes))
+        why = f"the cores left idle: {load_summary()}; set train.threads to choose"
+    return f"torch threads: {torch.get_num_threads()} per process ({why})"
 
 
 def init_distributed(device_preference: str) -> DistContext:

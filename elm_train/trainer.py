@@ -126,6 +126,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     tc = config.train
+    if tc.threads and ctx.device.type == "cpu":
+        torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     task = task_class(config.task)(config)
     dtype = DTYPES[tc.dtype]
@@ -359,12 +361,15 @@ def evaluate(task: Any, model: nn.Module, ctx: parallel.DistContext, batches: in
 
 
 class _Progress:
-    """A rich progress bar with ETA on rank 0; plain lines when output is not a terminal."""
+    """A rich progress bar with ETA on rank 0; plain lines with the ETA when output is not a
+    terminal (a log, a pipe); a warning when throughput collapses."""
 
     def __init__(self, enabled: bool, start: int, total: int):
         self.enabled = enabled
         self.total = total
         self.start = start
+        self.started = time.perf_counter()
+        self.watch = ThroughputWatch()
         self.bar = None
         if not enabled:
             return
@@ -381,9 +386,10 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                TextColumn("eta"), TimeRemainingColumn(), console=console)
+            # The status goes last: on a narrow terminal rich cuts the rightmost column.
+            self.bar = Progress(TextColumn("train"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                TextColumn("{task.fields[status]}"), console=console)
             self.task_id = self.bar.add_task("train", total=total, completed=start, status="")
 
     def __enter__(self) -> _Progress:
@@ -403,7 +409,48 @@ class _Progress:
             status += f" {record['tokens_per_s']:,.0f} tok/s"
         if record.get("mfu") is not None:
             status += f" mfu {100 * record['mfu']:.1f}%"
+        warning = self.watch.check(record.get("tokens_per_s") or record.get("items_per_s"))
+        if warning:
+            print(f"warning: step {step}: {warning}", file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.update(self.task_id, completed=step, status=status)
         else:
-            print(f"step {step}/{self.total} {status}", flush=True)
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / (step - self.start) * (self.total - step) if step > self.start else 0.0
+            print(f"step {step}/{self.total} {status} elapsed {_clock(elapsed)} eta {_clock(eta)}",
+                  flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS, as rich's time columns show it."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class ThroughputWatch:
+    """Says when throughput falls below 1/COLLAPSE of the best window so far (once, until it
+    recovers): on a CPU that other jobs share, torch's threads then wait on each other."""
+
+    COLLAPSE = 3.0
+
+    def __init__(self) -> None:
+        self.best = 0.0
+        self.collapsed = False
+
+    def check(self, rate: float | None) -> str | None:
+        if not rate:
+            return None
+        if rate > self.best:
+            self.best = rate
+        if rate * self.COLLAPSE >= self.best:
+            self.collapsed = False
+            return None
+        if self.collapsed:
+            return None
+        self.collapsed = True
+        from elm_spec.platform import load_summary
+
+        busy = f" ({load_summary()})" if load_summary() else ""
+        return (f"throughput fell to {rate:,.0f}/s from {self.best:,.0f}/s{busy}; other jobs may "
+                f"be using the cores: fewer torch threads help (train.threads=1, elm demo "
+                f"--threads 1)")

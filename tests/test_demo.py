@@ -8,11 +8,13 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import run_elm
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -46,4 +48,18 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     model = load_model(output / "model")
     assert model(torch.tensor([[1, 5, 9]])).shape == (1, 3, 1024)
     sample = result.stdout.split("sample (MLX, mlx-lm stream_generate):\n", 1)[1]
-    assert sample.startswith("def ") and len(sample.split("\n\n")[0]) > len("def ")
+    assert sample.startswith("def") and len(sample.split("\n\n")[0]) > len("def")
+    # Piped, the progress lines carry the time left.
+    assert re.search(r"^step 10/12 loss \d+\.\d{4} .* eta \d:\d\d:\d\d$", result.stdout, re.M)
+
+    # Nothing printed or recorded names the staging directory the demo was built in, so the
+    # recorded config trains on: it resumes the demo's run from its last checkpoint.
+    assert ".tmp-" not in result.stdout + result.stderr
+    for name in ("run/train_config.yaml", "run/metrics.jsonl",
+                 "checkpoints/step-12/train_config.yaml"):
+        assert ".tmp-" not in (output / name).read_text(), name
+    more = run_elm("train", str(output / "run" / "train_config.yaml"), "train.max_steps=14",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resumed from {output / 'checkpoints'}" in more.stdout
+    assert "step 14: loss" in more.stdout and (output / "checkpoints/step-14").is_dir()

@@ -167,3 +167,37 @@ def test_export_and_plot_from_the_command_line(token_data: Path, tmp_path: Path)
     plotted = run_elm("plot", str(tmp_path / "run"))
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_threads_default_to_the_cores_the_load_average_leaves_idle(monkeypatch) -> None:
+    from elm_spec import platform
+    from elm_train.parallel import choose_cpu_threads
+
+    monkeypatch.setattr(platform.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, processes, expected in [(0.0, 1, 4), (1.2, 1, 3), (3.9, 1, 1), (9.0, 1, 1),
+                                      (0.0, 2, 2), (2.0, 4, 1)]:
+        monkeypatch.setattr(platform.os, "getloadavg", lambda load=load: (load, load, load))
+        assert platform.idle_cores(processes) == expected, (load, processes)
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(platform.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+        line = choose_cpu_threads("cpu")
+        assert torch.get_num_threads() == 1 and "load average 1.0 on 4 cores" in line
+        assert choose_cpu_threads("cpu", 3).startswith("torch threads: 3 per process (train.threads")
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert "(OMP_NUM_THREADS)" in choose_cpu_threads("cpu") and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_throughput_collapse_is_reported_once_until_it_recovers() -> None:
+    from elm_train.trainer import ThroughputWatch
+
+    watch = ThroughputWatch()
+    said = [watch.check(rate) for rate in (300, 690, 500, 240, 64, 70, 600, 100, None)]
+    assert [bool(s) for s in said] == [False, False, False, False, True, False, False, True, False]
+    assert said[4].startswith("throughput fell to 64/s from 690/s") and "train.threads=1" in said[4]

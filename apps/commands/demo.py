@@ -14,12 +14,13 @@ def register(app: typer.Typer) -> None:
         corpus: Path = typer.Option(None, "--corpus", help="A text file or a directory of text "
                                     "files (default: this machine's Python standard library)."),
         steps: int = typer.Option(350, "--steps", help="Training steps."),
-        prompt: str = typer.Option("def ", "--prompt", help="Prompt to sample from."),
+        prompt: str = typer.Option("def", "--prompt", help="Prompt to sample from."),
         max_tokens: int = typer.Option(120, "--max-tokens", "-m", help="Tokens to generate."),
         temp: float = typer.Option(0.7, "--temp", help="Sampling temperature."),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: "
-                                    "OMP_NUM_THREADS if set, else every core; 1 on a busy machine)."),
+                                    "OMP_NUM_THREADS if set, else the cores the load average "
+                                    "leaves idle)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing OUTPUT."),
     ) -> None:
         """Train a small OpenELM on a built-in corpus, export it, run it in MLX and sample."""

@@ -33,13 +33,19 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(dump_config(resolved), nl=False)
             return
-        from elm_train.trainer import train as run_training
-
-        result = run_training(resolved)
         import os
 
-        if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"step {result.step}: loss {result.loss}"
+        from elm_train.parallel import choose_cpu_threads
+        from elm_train.trainer import train as run_training
+
+        main = int(os.environ.get("RANK", "0")) == 0
+        threads = choose_cpu_threads(resolved.train.device, resolved.train.threads)
+        if threads and main:
+            typer.echo(threads)
+        result = run_training(resolved)
+        if main:
+            loss = f"{result.loss:.4f}" if result.loss is not None else "none"
+            typer.echo(f"step {result.step}: loss {loss}"
                        + (f", valid loss {result.valid_loss:.4f}" if result.valid_loss is not None else ""))
             typer.echo(f"metrics: {result.run_dir / 'metrics.jsonl'}")
             if result.checkpoint is not None:

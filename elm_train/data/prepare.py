@@ -34,6 +34,7 @@ import numpy as np
 from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir
 from elm_spec.outputs import crash_point
+from elm_spec.platform import usable_cores as default_workers
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
 from elm_train.data.format import Shard, shard_name, token_dtype, write_index
@@ -49,10 +50,6 @@ from elm_train.data.sources import (
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
