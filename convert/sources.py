@@ -261,12 +261,12 @@ def open_checkpoint(path: Path, options: ShapeOptions) -> Source:
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from elm_train.checkpoint import TRAINER_FILE, resolve_checkpoint
     from elm_train.safe_dcp import read_metadata, safe_load
 
-    if dcp_directory(path) is None and path.is_dir() and holds_checkpoint_steps(path):
-        from elm_train.checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(path)  # the newest complete step, or one clear error
+    if (path / TRAINER_FILE).is_file() or (
+            dcp_directory(path) is None and path.is_dir() and holds_checkpoint_steps(path)):
+        path = resolve_checkpoint(path)  # an intact step (of a run: the newest), or one error
     directory = dcp_directory(path)
     if directory is None:
         raise ElmError(f"{path}: no {DCP_METADATA_FILE} (not a torch.distributed.checkpoint directory)")

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 from elm_spec import ElmError
 from elm_spec.outputs import output_lock
 from elm_train.parallel import DistContext
-from elm_train.safe_dcp import first_line, safe_load
+from elm_train.safe_dcp import first_line, read_metadata, safe_load
 
 # DCP warns when it runs without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -70,15 +70,62 @@ def complete_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A step directory, or the newest complete one under a checkpoint root."""
+    """A step directory (an error if damaged), or the newest intact one under a checkpoint root:
+    a damaged newer one is skipped with one `warning:` line (and left where it is)."""
     directory = Path(path)
     if (directory / TRAINER_FILE).is_file():
+        check_intact(directory)
         return directory
     found = complete_checkpoints(directory)
     if not found:
         raise ElmError(f"{directory}: no complete checkpoint (expected step-N directories with "
                        f"{TRAINER_FILE})")
-    return found[-1][1]
+    for index in range(len(found) - 1, -1, -1):
+        step_dir = found[index][1]
+        try:
+            check_intact(step_dir)
+            return step_dir
+        except ElmError as error:
+            if index == 0:
+                raise ElmError(f"{error}; no intact checkpoint in {directory}") from None
+            print(f"warning: {error}; reading {found[index - 1][1].name}, the previous checkpoint",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def check_intact(step_dir: Path) -> None:
+    """One ElmError naming the first damaged file of checkpoint STEP_DIR: trainer.json, a rank
+    file, `.metadata`, or a shard shorter than the metadata says. The small files are read
+    whole, the shards only measured. Resuming, `elm export` and `elm convert` agree through
+    this on which checkpoint is the newest intact one."""
+    read_trainer_file(step_dir)
+    for file in sorted(step_dir.glob("rank-*.pt")):
+        read_rank_file(file)
+    read_metadata(step_dir)
+
+
+def read_trainer_file(step_dir: Path) -> dict[str, Any]:
+    trainer_file = step_dir / TRAINER_FILE
+    try:
+        trainer = json.loads(trainer_file.read_text())
+        _require_keys(trainer, ("step", "scheduler", "loader"))
+        int(trainer["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ElmError(f"{trainer_file}: damaged ({first_line(error)})") from None
+    return trainer
+
+
+def read_rank_file(file: Path) -> dict[str, Any]:
+    """The RNG states a rank saved in FILE."""
+    try:
+        rng = torch.load(file, weights_only=True)["rng"]
+        _require_keys(rng, ("python", "numpy", "torch"))
+    except pickle.UnpicklingError as error:
+        raise ElmError(f"{file}: holds something other than RNG states; refused to "
+                       f"unpickle it ({first_line(error)})") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged zip
+        raise ElmError(f"{file}: damaged ({first_line(error)})") from None
+    return rng
 
 
 def rng_state() -> dict[str, Any]:
@@ -232,24 +279,10 @@ class Checkpointer:
         return result
 
     def _read_small_files(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        trainer_file = path / TRAINER_FILE
-        try:
-            trainer = json.loads(trainer_file.read_text())
-            _require_keys(trainer, ("step", "scheduler", "loader"))
-            int(trainer["step"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ElmError(f"{trainer_file}: damaged ({first_line(error)})") from None
+        if self.ctx.is_main:
+            check_intact(path)  # every rank file, not only those of this run's ranks
         own = path / rank_file(self.ctx.rank)
-        rng_path = own if own.is_file() else path / rank_file(0)
-        try:
-            rng = torch.load(rng_path, weights_only=True)["rng"]
-            _require_keys(rng, ("python", "numpy", "torch"))
-        except pickle.UnpicklingError as error:
-            raise ElmError(f"{rng_path}: holds something other than RNG states; refused to "
-                           f"unpickle it ({first_line(error)})") from None
-        except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged zip
-            raise ElmError(f"{rng_path}: damaged ({first_line(error)})") from None
-        return trainer, rng
+        return read_trainer_file(path), read_rank_file(own if own.is_file() else path / rank_file(0))
 
 
 def _require_keys(mapping: Any, keys: tuple[str, ...]) -> None:

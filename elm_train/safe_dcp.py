@@ -72,10 +72,22 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 
 def _check_storage_files(metadata: dcp_metadata.Metadata, directory: Path, source: Path) -> None:
+    """Every storage file the metadata names lies inside DIRECTORY and is as long as the metadata
+    needs: a truncated shard is caught here, before anything is read from it."""
+    needed: dict[Path, int] = {}
     for info in (metadata.storage_data or {}).values():
         if not isinstance(info, _StorageInfo):
             raise ElmError(f"{source}: malformed storage entry ({type(info).__name__})")
-        listed_file(directory, info.relative_path, source)
+        file = listed_file(directory, info.relative_path, source)
+        needed[file] = max(needed.get(file, 0), int(info.offset) + int(info.length))
+    for file, size in needed.items():
+        try:
+            found = file.stat().st_size
+        except OSError as error:
+            raise ElmError(f"{file}: damaged ({error.strerror or error})") from None
+        if found < size:
+            raise ElmError(f"{file}: damaged (truncated: {found:,} bytes, the checkpoint metadata "
+                           f"needs {size:,})")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

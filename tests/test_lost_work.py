@@ -131,12 +131,10 @@ def test_resume_false_refuses_an_earlier_runs_checkpoints(run_copy: Path) -> Non
     assert digest(run_copy / "checkpoints") == before
 
 
-@pytest.mark.parametrize("damage", ["truncated-distcp", "bad-trainer-json", "bad-rank-file"])
-def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, damage: str,  # noqa: F811
-                                                               capsys) -> None:
-    from tests.test_train_fixtures import train_in_process
+DAMAGE = ["truncated-distcp", "bad-trainer-json", "bad-rank-file"]
 
-    step_dir = run_copy / "checkpoints" / "step-4"
+
+def damage_checkpoint(step_dir: Path, damage: str) -> None:
     if damage == "truncated-distcp":
         shard = max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -144,6 +142,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, 
         (step_dir / "trainer.json").write_text('{"step": 4, "sched')
     else:
         (step_dir / "rank-00000.pt").write_bytes(b"PK\x03\x04 not a zip")
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, damage: str,  # noqa: F811
+                                                               capsys) -> None:
+    from tests.test_train_fixtures import train_in_process
+
+    damage_checkpoint(run_copy / "checkpoints" / "step-4", damage)
     result = train_in_process(run_copy / "train.yaml", "train.max_steps=3")
     assert result.step == 3
     captured = capsys.readouterr()
@@ -152,6 +158,49 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, 
     assert "resumed from" in captured.out and "step-2 (step 2)" in captured.out
     assert (run_copy / "checkpoints" / "step-4.damaged").is_dir()
     assert json.loads((run_copy / "checkpoints" / "step-3" / "trainer.json").read_text())["step"] == 3
+
+
+def read_checkpoint(capsys, command: str, source: Path, destination: Path) -> tuple[int, str]:
+    """`elm COMMAND SOURCE DESTINATION` in this process: (exit status, stderr)."""
+    from apps.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(source), str(destination), *(["-q"] if command == "convert" else [])])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_readers_of_a_damaged_checkpoint_use_the_newest_intact_one(run_copy: Path, capsys,  # noqa: F811
+                                                                   damage: str, command: str) -> None:
+    checkpoints = run_copy / "checkpoints"
+    code, err = read_checkpoint(capsys, command, checkpoints / "step-2", run_copy / "from-step-2")
+    assert code == 0, err
+    damage_checkpoint(checkpoints / "step-4", damage)
+    before = digest(checkpoints)
+    code, err = read_checkpoint(capsys, command, checkpoints, run_copy / "out")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-4" in warnings[0] and "damaged" in warnings[0], err
+    assert "reading step-2" in warnings[0], warnings[0]
+    assert digest(run_copy / "out") == digest(run_copy / "from-step-2")
+    assert digest(checkpoints) == before  # a reader moves nothing aside
+    # Named explicitly, the damaged step is an error, not a fallback.
+    code, err = read_checkpoint(capsys, command, checkpoints / "step-4", run_copy / "out-4")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "step-4" in errors[0] and "damaged" in errors[0], err
+    assert not (run_copy / "out-4").exists()
+
+
+def test_no_intact_checkpoint_left_to_read(run_copy: Path, capsys) -> None:  # noqa: F811
+    checkpoints = run_copy / "checkpoints"
+    damage_checkpoint(checkpoints / "step-4", "bad-trainer-json")
+    damage_checkpoint(checkpoints / "step-2", "truncated-distcp")
+    code, err = read_checkpoint(capsys, "export", checkpoints, run_copy / "out")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "step-2" in errors[0] and f"no intact checkpoint in {checkpoints}" in errors[0]
+    assert not (run_copy / "out").exists()
 
 
 def process_group_members(group: int) -> list[int]:
