@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from chat_support import random_adapters, running_server, with_template
 from conftest import run_elm
+from lora_support import write_jsonl
+
+from elm_mlx.lora.data import shipped_chat_template
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -22,8 +25,6 @@ PROMPTS = ["def f(x):", "import os", "class A:", "return None", "for i in range(
 
 @pytest.fixture(scope="module")
 def models(make_model_dir, tmp_path_factory) -> tuple[Path, Path]:
-    from elm_mlx.lora.data import shipped_chat_template
-
     root = tmp_path_factory.mktemp("served")
     base = with_template(make_model_dir(seed=5), root / "base", shipped_chat_template())
     return base, random_adapters(base, root / "tuned", None)
@@ -197,7 +198,6 @@ def test_json_schema_outputs_validate(client):
         jsonschema.validate(json.loads(answer.choices[0].message.content), SCHEMA)
 
 
-
 BAD_REQUESTS = [
     ("bad JSON", "/v1/completions", b"{not json", {}, 400),
     ("not an object", "/v1/completions", b"[1, 2]", {}, 400),
@@ -232,6 +232,96 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         assert isinstance(answer["error"]["message"], str) and answer["error"]["message"], what
     assert client.completions.create(model="base", prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert raw(server, "GET", "/health")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(make_model_dir, tmp_path_factory):
+    """A server that decodes one request at a time and queues one more, for a base model with a
+    long context and "json": the base fully fine-tuned on short JSON objects (which, sampled
+    freely, it gets wrong)."""
+    import dataclasses
+    import random
+
+    from elm_mlx.lora.config import build_config
+    from elm_mlx.lora.train import finetune
+    from elm_spec import ModelSpec
+
+    root = tmp_path_factory.mktemp("queue")
+    spec = dataclasses.replace(ModelSpec.from_preset("elm-tiny"), max_context_length=4096)
+    base = with_template(make_model_dir(spec, seed=2), root / "base", shipped_chat_template())
+    rng = random.Random(0)
+    rows = [{"prompt": f"object {i}", "completion": json.dumps(
+        {"id": i, "name": rng.choice(["red", "tree", "cat", "key"]), "ok": rng.random() < 0.5},
+        separators=(",", ":"))} for i in range(40)]
+    write_jsonl(root / "data" / "train.jsonl", rows)
+    write_jsonl(root / "data" / "valid.jsonl", rows[:8])
+    finetune(build_config(None, dict(
+        model=str(base), data=str(root / "data"), adapter_path=str(root / "json"),
+        fine_tune_type="full", iters=150, batch_size=4, learning_rate=3e-3, warmup=10,
+        steps_per_eval=150, steps_per_report=150, val_batches=-1)))
+    with running_server("--model", str(base), "--adapter-path", str(root / "json"),
+                        "--max-batch", "1", "--max-queue", "1") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_json_object_outputs_parse(one_at_a_time):
+    client = openai.OpenAI(base_url=f"{one_at_a_time}/v1", api_key="none", max_retries=0)
+
+    def answers(**response_format):
+        for index in range(20):
+            yield client.chat.completions.create(
+                model="json", max_tokens=200, temperature=1.0, seed=index,
+                messages=[{"role": "user", "content": f"object {100 + index}"}],
+                **response_format).choices[0]
+
+    def parses(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+
+    for answer in answers(response_format={"type": "json_object"}):
+        assert answer.finish_reason == "stop", answer
+        assert isinstance(json.loads(answer.message.content), dict), answer
+    assert not all(parses(answer.message.content) for answer in answers())  # the constraint works
+
+
+def open_stream(url: str, max_tokens: int) -> http.client.HTTPConnection:
+    """A streamed completion, sent; its response is not read yet."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps(
+        {"model": "base", "prompt": "x", "max_tokens": max_tokens, "stream": True}))
+    return connection
+
+
+def wait_in_flight(url: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while raw(url, "GET", "/health")[2]["in_flight"] != count:
+        assert time.monotonic() < deadline, f"in_flight never reached {count}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_503_with_retry_after(one_at_a_time):
+    url = one_at_a_time
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+    decoding = open_stream(url, 4000)
+    assert decoding.getresponse().read(6) == b"data: "  # its first token: it decodes
+    waiting = open_stream(url, 4000)
+    wait_in_flight(url, 2)  # the second waits in the queue
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="base", prompt="x", max_tokens=2)
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["code"] == "server_busy"
+    decoding.close()  # the queued request starts once the first is cancelled
+    assert waiting.getresponse().read(6) == b"data: "
+    waiting.close()
+    wait_in_flight(url, 0)
+    assert client.completions.create(model="base", prompt="x",
+                                     max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_disconnect_cancels_the_work(server):
