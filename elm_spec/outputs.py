@@ -110,11 +110,18 @@ def publish_permissions(directory: Path) -> None:
             (Path(root) / name).chmod(0o666 & ~mask)
 
 
+_stopped_at: set[str] = set()
+
+
 def crash_point(name: str) -> None:
-    """Die by SIGKILL here when ELM_CRASH_AT=NAME: lets tests kill a run at an exact point of a
-    multi-step write (between two renames, say) instead of guessing with timers."""
+    """Die by SIGKILL here when ELM_CRASH_AT=NAME, or stop (SIGSTOP, the first time only) when
+    ELM_STOP_AT=NAME: lets tests kill or hold a run at an exact point of a multi-step write
+    (between two renames, say) instead of guessing with timers."""
     if os.environ.get("ELM_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("ELM_STOP_AT") == name and name not in _stopped_at:
+        _stopped_at.add(name)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def refuse_overlap(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:

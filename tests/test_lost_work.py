@@ -59,6 +59,38 @@ def test_second_writer_is_refused_in_one_line(make_model_dir, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_second_data_prepare_on_one_output_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Two real `elm data prepare` on one --out: the first, held while it writes (stopped at
+    its first result), keeps the output; the second gets one line naming it and its pid."""
+    import signal
+
+    from tests.conftest import stdlib_files
+
+    def prepare(out: Path) -> list[str]:
+        return ["data", "prepare", *map(str, stdlib_files(6)), "--format", "txt", "--tokenizer",
+                str(tokenizer_dir), "--out", str(out), "--workers", "1", "--min-tokens", "0"]
+
+    out = tmp_path / "data"
+    first = subprocess.Popen([sys.executable, "-m", "apps", *prepare(out)],
+                             env={**os.environ, "PYTHONPATH": str(REPO), "ELM_STOP_AT": "data-prepare"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), first.stderr.read()
+        second = run_elm(*prepare(out), "--force")
+        one_line_failure(second, str(out), f"in use by another elm process (pid {first.pid})")
+        assert not out.exists()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    reference = run_elm(*prepare(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    assert digest(out) == digest(tmp_path / "reference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "reference"]  # no lock, no temp
+
+
+@pytest.mark.slow
 def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> None:  # noqa: F811
     checkpoints = run_copy / "checkpoints"
     before = digest(checkpoints)
