@@ -121,7 +121,7 @@ def field(driver, name: str, text: str) -> None:
 
 
 def ask(driver, text: str) -> None:
-    """Types TEXT and presses Enter; returns once the answer has started."""
+    """Types TEXT and presses Enter; returns once the answer has its place on the page."""
     driver.execute_script(WATCH_ANSWER)
     count = len(driver.find_elements(By.CSS_SELECTOR, ".message.assistant"))
     driver.find_element(By.ID, "prompt").send_keys(text, Keys.ENTER)
@@ -177,7 +177,7 @@ def test_an_answer_streams_in_and_is_the_servers_greedy_answer(page, client):
                   {"role": "user", "content": "hi"}]).choices[0].message.content
     assert last_answer(page) == expected
     grown = [n for n in lengths if n]
-    assert grown == sorted(grown) and len(set(grown)) >= 10, lengths  # many steps, not one
+    assert grown == sorted(grown) and len(set(grown)) >= 5, lengths  # in steps, not at once
     assert page.find_element(By.ID, "status").text == "Stopped at the token limit."
 
 
