@@ -55,7 +55,9 @@ def _reexec_with_openblas() -> None:
         return
     preload = ":".join(p for p in (library, os.environ.get("LD_PRELOAD")) if p)
     env = {**os.environ, "LD_PRELOAD": preload, OPENBLAS_PRELOAD_ENV: "0"}
-    os.execve(sys.executable, [sys.executable, "-m", "apps", *sys.argv[1:]], env)
+    # Restart exactly as started: `python -m apps` here would put the working directory first
+    # on sys.path, and a yaml.py or torch.py lying there would run in place of the real one.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

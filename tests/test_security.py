@@ -248,3 +248,29 @@ def test_generate_and_finetune_refuse_an_oversized_tokenizer(make_model_dir, tmp
     one_line_failure(tuned, "512 token ids")
     assert not (tmp_path / "adapters" / "adapters.safetensors").exists()
 
+
+
+# ----- modules in the working directory --------------------------------------------------------
+@pytest.mark.slow
+def test_modules_in_the_working_directory_never_run(tmp_path: Path) -> None:
+    """`elm` run inside an untrusted directory (a cloned repo, say) imports nothing from it, also
+    when it restarts itself to preload OpenBLAS."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    untrusted, marker = tmp_path / "project", tmp_path / "code-ran"
+    untrusted.mkdir()
+    for name in ("yaml", "torch", "typer", "numpy"):
+        (untrusted / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    (untrusted / "config.yaml").write_text("model: {preset: elm-tiny}\n")
+    script = tmp_path / "bin" / "elm"  # what installing the package puts on PATH
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom apps.cli import main\nsys.exit(main())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ELM_OPENBLAS")}
+    result = subprocess.run([sys.executable, str(script), "train", "config.yaml"], cwd=untrusted,
+                            env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=300)
+    one_line_failure(result, "config.yaml: ")
+    assert not marker.exists(), marker.read_text()
