@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 from typing import NoReturn
@@ -41,25 +40,6 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def _reexec_with_openblas() -> None:
-    """On Linux, MLX's CPU wheel links a reference BLAS; restart once with OpenBLAS preloaded.
-
-    Set ELM_OPENBLAS=0 to keep the process as it is. `elm doctor` reports what is in effect.
-    """
-    from elm_spec.platform import OPENBLAS_PRELOAD_ENV, openblas_preload_path
-
-    library = openblas_preload_path()
-    if library is None or os.environ.get(OPENBLAS_PRELOAD_ENV) == "0":
-        return
-    if library in os.environ.get("LD_PRELOAD", ""):
-        return
-    preload = ":".join(p for p in (library, os.environ.get("LD_PRELOAD")) if p)
-    env = {**os.environ, "LD_PRELOAD": preload, OPENBLAS_PRELOAD_ENV: "0"}
-    # Restart exactly as started: `python -m apps` here would put the working directory first
-    # on sys.path, and a yaml.py or torch.py lying there would run in place of the real one.
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
 def _fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -76,7 +56,7 @@ def _usage_line(error: ClickException) -> str:
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         process.is_program = True
-        _reexec_with_openblas()
+        process.reexec_with_openblas(sys.argv[1:])
     try:
         # Not typer's standalone mode: that exits 130 in silence on Ctrl-C and draws usage
         # errors as a box; every failure here is one `error:` line.

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from convert import ConvertOptions, convert  # noqa: E402
 from elm_spec import ModelSpec  # noqa: E402
 from elm_spec.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from tests.conftest import stdlib_texts  # noqa: E402
+from tests.support.corpora import stdlib_texts  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
     "float32": {},

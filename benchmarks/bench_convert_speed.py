@@ -50,7 +50,7 @@ def make_source(workdir: Path, preset: str) -> Path:
     if (source / "config.json").is_file():
         return source
     from elm_spec.tokenizer import train_tokenizer
-    from tests.conftest import stdlib_texts
+    from tests.support.corpora import stdlib_texts
 
     tokenizer = workdir / "tokenizer"
     train_tokenizer(iter(stdlib_texts()), 512, tokenizer)

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--measure", choices=("all", "perplexity", "speed"), default="all")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from tests.test_eval import write_quantized_dir
+    from tests.support.eval_tasks import write_quantized_dir
 
     fp32 = args.workdir / "model-fp32"
     if not (fp32 / "config.json").is_file():

@@ -44,7 +44,7 @@ def run_config(preset: str, batch: int, attention: str, compile_blocks: bool, ar
         f"log.run_dir={run_dir}", "log.every=1", "log.progress=false",
     ]
     command = [sys.executable, "-m", "apps", "train", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,

@@ -195,7 +195,7 @@ class Checkpointer:
                            "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
                 (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n")
                 (staging / CONFIG_COPY).write_text(config_text)
-                if task is not None and hasattr(task, "write_checkpoint_files"):
+                if task is not None:
                     task.write_checkpoint_files(staging)
                 _fsync_dir(staging)
         except BaseException:

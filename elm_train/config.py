@@ -6,13 +6,8 @@ Precedence, lowest first: dataclass defaults, the recipe named by `recipe:`, the
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +15,13 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
+from elm_spec.settings import (
+    build_dataclass,
+    deep_merge,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+)
 
 TASKS = ("lm", "catlip", "clip")
 ATTENTION = ("sdpa", "eager", "flash")
@@ -162,63 +164,16 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 # ----- loading --------------------------------------------------------------------------
-def parse_override(text: str) -> tuple[str, Any]:
-    """`optim.lr=3e-4` -> ("optim.lr", 0.0003); values are parsed as YAML scalars or lists."""
-    if "=" not in text:
-        raise ElmError(f"override {text!r} is not of the form key=value (e.g. train.max_steps=20)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ElmError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ElmError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> Config:
     """A validated Config from a YAML file and/or a dict, then `key=value` overrides."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        file = Path(path)
-        source = str(file)
-        if not file.is_file():
-            raise ElmError(f"{file}: not found")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as error:
-            raise ElmError(f"{file}: not valid YAML ({error})".replace("\n", " ")) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ElmError(f"{file}: expected a mapping of sections (model, data, optim, train, ...)")
-        raw = loaded
+        source = str(path)
+        raw = read_yaml_mapping(Path(path), "sections (model, data, optim, train, ...)")
     if data:
-        raw = _deep_merge(raw, data)
+        raw = deep_merge(raw, data)
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
@@ -226,7 +181,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if recipe is not None:
         if recipe not in RECIPES:
             raise ElmError(f"{source}: unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
-        raw = _deep_merge(RECIPES[recipe], raw)
+        raw = deep_merge(RECIPES[recipe], raw)
     try:
         return build_config(raw)
     except ElmError as error:
@@ -244,105 +199,16 @@ def build_config(raw: dict[str, Any]) -> Config:
     if not isinstance(data_section, dict):
         raise ElmError("data: expected a mapping")
     engine_keys = {f.name for f in dataclasses.fields(DataConfig)}
-    task_data_class = getattr(task_class(task_name), "data_config", None)
+    task_data_class = task_class(task_name).data_config
     task_keys = {k: v for k, v in data_section.items() if k not in engine_keys}
     if task_keys and task_data_class is None:
         raise ElmError(f"unknown key 'data.{next(iter(task_keys))}'")
     raw["data"] = {k: v for k, v in data_section.items() if k in engine_keys}
-    config = _build_dataclass(Config, {k: v for k, v in raw.items() if k != "task_data"}, "")
+    config = build_dataclass(Config, {k: v for k, v in raw.items() if k != "task_data"}, "")
     if task_data_class is not None:
-        config.task_data = _build_dataclass(task_data_class, task_keys, "data")
+        config.task_data = build_dataclass(task_data_class, task_keys, "data")
     _check_values(config)
     return config
-
-
-def _build_dataclass(cls: type, data: Any, section: str) -> Any:
-    if not isinstance(data, dict):
-        raise ElmError(f"{section or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ElmError(f"unknown key '{_join(section, key)}'")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        dotted = _join(section, f.name)
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            values[f.name] = _build_dataclass(hint, data[f.name] or {}, dotted)
-        else:
-            values[f.name] = _coerce(data[f.name], hint, dotted)
-    return cls(**values)
-
-
-def _join(section: str, key: str) -> str:
-    return f"{section}.{key}" if section else key
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ElmError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ElmError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, key) for v in value]
-    if origin is tuple:
-        items = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ElmError(f"{key}: expected a list, got {value!r}")
-        if items[-1] is Ellipsis:
-            items = (items[0],) * len(value)
-        if len(value) != len(items):
-            raise ElmError(f"{key}: expected a list of {len(items)}, got {value!r}")
-        return tuple(_coerce(v, item, key) for v, item in zip(value, items, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ElmError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ElmError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ElmError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is None:
-            raise ElmError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            raise ElmError(f"{key}: expected a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ElmError(f"{key}: expected a string, got {value!r}")
-    if hint is typing.Any:
-        return value
-    raise ElmError(f"{key}: unsupported value {value!r}")
 
 
 def _get(config: Config, dotted: str) -> Any:

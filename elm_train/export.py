@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -22,11 +21,9 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], destination: str | os.
         raise ElmError(f"{step_dir}: no {CONFIG_COPY} (not written by `elm train`)")
     config = load_config(step_dir / CONFIG_COPY)
     cls = task_class(config.task)
-    task = cls.for_export(config, step_dir) if hasattr(cls, "for_export") else cls(config)
+    task = cls.for_export(config, step_dir)
     model = task.build_model()
     state = load_model_state(step_dir, model)
-    accepted = inspect.signature(task.export).parameters
-    options = {k: v for k, v in (("dtype", dtype), ("force", force)) if k in accepted}
     if not force and Path(destination).is_dir() and any(Path(destination).iterdir()):
         raise ElmError(f"{destination}: already exists and is not empty (use --force to replace it)")
-    return Path(task.export(state, destination, **options) or destination)
+    return Path(task.export(state, destination, dtype=dtype, force=force))

@@ -26,6 +26,7 @@ from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, check_resumable, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from elm_train.tasks import task_class
+from elm_train.tasks.base import Task
 
 OOM_EXIT_CODE = 3
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -134,9 +135,6 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     strategy = config.parallel.strategy
 
     model = task.build_model()
-    if any(p.is_meta for p in model.parameters()):
-        model = model.to_empty(device="cpu")
-        task.init_weights(model)
     if tc.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if tc.compile:
@@ -177,7 +175,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
             (run_dir / "train_config.yaml").write_text(config_text)
     peak = peak_flops(ctx.device, dtype, config.log.peak_flops)
     flops_per_item = task.flops_per_item()
-    token_task = getattr(task, "item_name", "tokens") == "tokens"
+    token_task = task.item_name == "tokens"
 
     step = start_step
     last_loss: float | None = None
@@ -256,7 +254,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     finally:
         log.close()
     valid_loss = None
-    if not stopped and tc.eval_batches and _has_split(task, "valid"):
+    if not stopped and tc.eval_batches and task.has_split("valid"):
         valid_loss = evaluate(task, model, ctx, tc.eval_batches, autocast)
     log = MetricsLog(run_dir, ctx.is_main)
     log.write({"event": "end", "step": step, "loss": last_loss, "valid_loss": valid_loss,
@@ -338,17 +336,12 @@ def _as_float(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _has_split(task: Any, split: str) -> bool:
-    data = getattr(task, "data", None)
-    return data is not None and bool(data.splits.get(split))
-
-
 @torch.no_grad()
-def evaluate(task: Any, model: nn.Module, ctx: parallel.DistContext, batches: int,
+def evaluate(task: Task, model: nn.Module, ctx: parallel.DistContext, batches: int,
              autocast: Any) -> float:
     """Mean loss over the first BATCHES batches of the held-out split (same on every rank)."""
     loader = task.build_loader("valid", ctx.rank, ctx.world_size)
-    limit = min(batches, getattr(loader, "batches_per_epoch", batches))
+    limit = min(batches, loader.batches_per_epoch)
     model.eval()
     total = torch.zeros((), device=ctx.device)
     for _ in range(limit):

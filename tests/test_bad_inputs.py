@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from apps.cli import main
 from elm_spec import ElmError, ModelSpec
-from tests.test_train_fixtures import token_data_fixture  # noqa: F401  (the token_data fixture)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -229,7 +228,7 @@ def test_init_flags(work: Path, capsys, flags: list[str], mentions: str, code: i
 
 # ----- train --------------------------------------------------------------------------------
 def train_config(work: Path, token_data: Path) -> Path:
-    from tests.test_train_fixtures import write_config
+    from support.training import write_config
 
     return write_config(work / "train.yaml", token_data, work / "run",
                         train={"max_steps": 2, "seq_len": 16, "micro_batch_size": 2},

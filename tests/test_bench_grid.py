@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.cli import run_elm
 
 from elm_spec import ElmError
 from elm_train.bench import cost
 from elm_train.bench.grid import check_devices, load_grid, read_grid
-from tests.conftest import run_elm
 
 
 def grid_from(tmp_path: Path, data: dict) -> Path:

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from support.cli import REPO, run_elm
 
 from elm_train.bench.grid import load_grid
 from elm_train.bench.slurm import write_slurm
 from elm_train.data.format import Shard, shard_name, write_index
-from tests.conftest import REPO, run_elm
 
 # The test machine's cores are shared: one thread per process keeps step times steady (and is
 # what torchrun gives each of several processes anyway).

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import run_elm
 
 from elm_train.catlip.data import (
     ImageLabelDataset,
@@ -21,7 +22,6 @@ from elm_train.catlip.data import (
 )
 from elm_train.catlip.synthetic import write_shapes_shards
 from elm_train.catlip.vocab import cached_labels, read_vocab
-from tests.conftest import run_elm
 
 
 def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:

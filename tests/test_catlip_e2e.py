@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.cli import REPO, run_elm
+from support.training import THREAD_ENV, TORCHRUN
 
 from elm_spec import ElmError
 from elm_spec.vit import eval_transform, load_rgb, read_catlip_config
@@ -20,8 +22,6 @@ from elm_train.catlip.synthetic import draw_shape, write_shapes_shards
 from elm_train.catlip.vocab import build_vocab
 from elm_train.config import load_config
 from elm_train.export import export_checkpoint
-from tests.conftest import REPO, run_elm
-from tests.test_train_fixtures import THREAD_ENV, TORCHRUN
 
 
 @pytest.fixture(scope="module")

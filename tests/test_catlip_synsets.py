@@ -7,6 +7,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from support.cli import run_elm
 
 from elm_train.catlip.synsets import (
     DEBIAN_WORDNET_DIR,
@@ -16,7 +17,6 @@ from elm_train.catlip.synsets import (
     preprocess_caption,
     shared_extractor,
 )
-from tests.conftest import run_elm
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.cli import run_elm
 
 from elm_spec.vit import load_rgb, read_catlip_config
 from elm_train.catlip.clip import contrastive_loss
@@ -17,7 +17,7 @@ from elm_train.catlip.metrics import average_precision, mean_average_precision, 
 from elm_train.catlip.synthetic import write_shapes_folder, write_shapes_shards
 from elm_train.catlip.task import CatLIPTask, CLIPTask, catlip_loss
 from elm_train.catlip.vocab import build_vocab
-from tests.conftest import run_elm
+from elm_train.config import Config, load_config
 
 SPEC_YAML = "embed_dim: 96\nnum_layers: 2\nnum_heads: 2\nffn_dim: 192\npatch_size: 8\n"
 
@@ -31,15 +31,15 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def run_config(root: Path, **data) -> types.SimpleNamespace:
-    """The sections of `elm train` config the task reads (TRAIN_CONTRACT)."""
+def run_config(root: Path, **data) -> Config:
+    """The `elm train` config of a catlip run on ROOT's shards, as the engine validates it."""
     (root / "spec.yaml").write_text(SPEC_YAML)
-    return types.SimpleNamespace(
-        task="catlip", model={"spec": str(root / "spec.yaml")},
-        data={"train": [str(root / "train")], "valid": [str(root / "valid")],
-              "vocab": str(root / "vocab"), "image_size": 32, "crop_scale": [0.6, 1.0],
-              "num_workers": 0, **data},
-        train={"micro_batch_size": 32, "seed": 0})
+    return load_config(data={
+        "task": "catlip", "model": {"spec": str(root / "spec.yaml")},
+        "data": {"train": [str(root / "train")], "valid": [str(root / "valid")],
+                 "vocab": str(root / "vocab"), "image_size": 32, "crop_scale": [0.6, 1.0],
+                 "num_workers": 0, **data},
+        "train": {"micro_batch_size": 32, "seed": 0}})
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +170,8 @@ def test_contrastive_loss_matches_independent_computation():
 def test_clip_task_trains_on_the_same_data(pretrained, tokenizer_dir, single_thread):
     config = run_config(pretrained["root"], tokenizer=str(tokenizer_dir / "tokenizer.model"),
                         context_length=16)
-    config.train["micro_batch_size"] = 8
-    config.model["text"] = {"width": 64, "num_layers": 1, "num_heads": 2, "projection_dim": 32}
+    config.train.micro_batch_size = 8
+    config.model.text = {"width": 64, "num_layers": 1, "num_heads": 2, "projection_dim": 32}
     task = CLIPTask(config)
     model = task.build_model()
     batch = next(task.build_loader("train", 0, 1))

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from chat_support import running_server, with_template
-from lora_support import write_jsonl
+from support.chat import running_server, with_template
+from support.lora import write_jsonl
 
 openai = pytest.importorskip("openai")
 webdriver = pytest.importorskip("selenium.webdriver")

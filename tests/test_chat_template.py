@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from chat_support import adapter_dir, random_adapters, with_template
+from support.chat import adapter_dir, random_adapters, with_template
 
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file as load_numpy
+from support.corenet import corenet_yaml, save_corenet
 
 from convert import ConvertOptions, ShapeOptions, convert
 from convert.tensors import Tensor, from_float32, from_torch
 from elm_spec import ModelSpec
 from elm_spec.modeldir import INDEX_FILE, write_json
 from elm_train.modeldir import init_model, load_state_dict, model_from_state_dict
-from tests.test_convert_helpers import corenet_yaml, save_corenet
 
 SPECS = {
     "layerwise-tied-gqa2": ModelSpec.from_preset("elm-tiny"),

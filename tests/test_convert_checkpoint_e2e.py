@@ -8,16 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from support.cli import run_elm
+from support.training import train_in_process, write_config
 
 from convert import ConvertOptions, convert
 from elm_spec import ElmError
 from elm_train.checkpoint import complete_checkpoints
-from tests.conftest import run_elm
-from tests.test_train_fixtures import (
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-    train_in_process,
-    write_config,
-)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

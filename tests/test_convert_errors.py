@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support.cli import REPO
+from support.corenet import corenet_yaml, save_corenet
+from support.disk import limit_file_size
 
 from apps.cli import main
 from elm_spec import ModelSpec
-from tests.conftest import REPO
-from tests.disk_support import limit_file_size
-from tests.test_convert_helpers import corenet_yaml, save_corenet
 
 TINY = ModelSpec.from_preset("elm-tiny")
 
@@ -177,7 +177,7 @@ def test_corenet_shape_mismatch(tmp_path: Path, dst: Path, tokenizer_dir: Path, 
 def test_disk_full_mid_write(source: Path, dst: Path) -> None:
     """A real write failure part-way through the weights (file size limit in a subprocess)."""
     before = snapshot(dst)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "apps", "convert", str(source), str(dst), "--force"],
                             capture_output=True, text=True, env=env,
                             preexec_fn=lambda: limit_file_size(200_000), timeout=300)

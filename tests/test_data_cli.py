@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from elm_train.data.format import read_index
-from tests.conftest import run_elm, stdlib_texts
+from support.cli import assert_one_error_line, run_elm
+from support.corpora import stdlib_texts
 
-NO_REEXEC = {"ELM_OPENBLAS": "0"}  # data preparation uses no BLAS; skip the restart
+from elm_train.data.format import read_index
 
 
 def prepare(*args: str):
-    return run_elm("data", "prepare", *args, env=NO_REEXEC)
+    return run_elm("data", "prepare", *args)
 
 
-def assert_one_error_line(result, *fragments: str) -> None:
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_prepare_reports_what_it_kept_and_skipped(tokenizer_dir: Path, tmp_path: Path):

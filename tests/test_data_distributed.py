@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.cli import assert_one_error_line, run_elm
 
 from elm_spec import ElmError
 from elm_spec.tokenizer import Tokenizer
@@ -17,9 +18,6 @@ from elm_train.data.distributed import (
 )
 from elm_train.data.format import read_index
 from elm_train.data.prepare import PrepareOptions, prepare_data
-from tests.conftest import run_elm
-from tests.test_data_cli import NO_REEXEC, assert_one_error_line
-from tests.test_data_prepare import corpus  # noqa: F401  (the shared four-format corpus)
 
 # Small chunks and shards: many parts per task and shard boundaries inside documents.
 OPTIONS = dict(valid_fraction=0.3, seed=7, chunk_bytes=16 << 10, shard_tokens=3000)
@@ -34,7 +32,7 @@ def assert_same_files(expected: Path, actual: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_machine(corpus, tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
+def single_machine(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "data"
     prepare_data(corpus[0], tokenizer_dir, out, PrepareOptions(workers=1, **OPTIONS),
                  show_progress=False)
@@ -43,7 +41,7 @@ def single_machine(corpus, tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F8
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tasks", [1, 3, 7])
-def test_every_byte_equals_the_single_machine_run(corpus, tokenizer_dir, single_machine,  # noqa: F811
+def test_every_byte_equals_the_single_machine_run(corpus, tokenizer_dir, single_machine,
                                                    tmp_path, tasks):
     out = tmp_path / "data"
     prepare_data_distributed(corpus[0], tokenizer_dir, out, tmp_path / "work", tasks,
@@ -53,7 +51,7 @@ def test_every_byte_equals_the_single_machine_run(corpus, tokenizer_dir, single_
 
 
 @pytest.mark.slow
-def test_a_task_dying_mid_part_is_retried_without_duplicates(corpus, tokenizer_dir,  # noqa: F811
+def test_a_task_dying_mid_part_is_retried_without_duplicates(corpus, tokenizer_dir,
                                                              single_machine, tmp_path,
                                                              monkeypatch):
     options = PrepareOptions(workers=1, **OPTIONS)
@@ -88,14 +86,14 @@ def test_a_task_dying_mid_part_is_retried_without_duplicates(corpus, tokenizer_d
     assert len(saved) + len(resumed) == len(list((work / "parts").glob("part-*.npz")))
 
 
-def test_work_dir_of_another_run_is_refused(corpus, tokenizer_dir, tmp_path):  # noqa: F811
+def test_work_dir_of_another_run_is_refused(corpus, tokenizer_dir, tmp_path):
     work = tmp_path / "work"
     distributed._claim_work_dir(work, {"settings": {"seed": 1}, "tasks": 2})
     with pytest.raises(ElmError, match=r"another run .*settings"):
         distributed._claim_work_dir(work, {"settings": {"seed": 2}, "tasks": 2})
 
 
-def test_slurm_launch_is_an_array_job_over_the_tasks(corpus, tokenizer_dir, tmp_path):  # noqa: F811
+def test_slurm_launch_is_an_array_job_over_the_tasks(corpus, tokenizer_dir, tmp_path):
     executor = slurm_executor(corpus[0], Tokenizer(tokenizer_dir), tmp_path / "work",
                               PrepareOptions(**OPTIONS), tasks=64, partition="cpu",
                               time="04:00:00", cpus_per_task=2, venv_path="/opt/elm/bin/activate")
@@ -114,15 +112,14 @@ def test_slurm_launch_is_an_array_job_over_the_tasks(corpus, tokenizer_dir, tmp_
 
 
 @pytest.mark.slow
-def test_cli_datatrove_backend_writes_the_local_backends_bytes(corpus, tokenizer_dir,  # noqa: F811
+def test_cli_datatrove_backend_writes_the_local_backends_bytes(corpus, tokenizer_dir,
                                                                tmp_path):
     common = ["--tokenizer", str(tokenizer_dir), "--valid-fraction", "0.3", "--seed", "7",
               "--shard-tokens", "3000", "--workers", "2"]
-    local = run_elm("data", "prepare", *corpus[0], *common, "--out", str(tmp_path / "local"),
-                    env=NO_REEXEC)
+    local = run_elm("data", "prepare", *corpus[0], *common, "--out", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
     result = run_elm("data", "prepare", *corpus[0], *common, "--out", str(tmp_path / "dt"),
-                     "--backend", "datatrove", "--tasks", "3", env=NO_REEXEC)
+                     "--backend", "datatrove", "--tasks", "3")
     assert result.returncode == 0, result.stderr
     assert_same_files(tmp_path / "local", tmp_path / "dt")
     assert result.stdout.splitlines()[-1].split(":", 1)[1] == local.stdout.splitlines()[-1].split(":", 1)[1]
@@ -137,6 +134,6 @@ def test_cli_datatrove_backend_writes_the_local_backends_bytes(corpus, tokenizer
 def test_cli_unknown_backend_is_one_line(tokenizer_dir, tmp_path):
     (tmp_path / "a.txt").write_text("x" * 300)
     result = run_elm("data", "prepare", str(tmp_path / "a.txt"), "--tokenizer", str(tokenizer_dir),
-                     "--out", str(tmp_path / "d"), "--backend", "ray", env=NO_REEXEC)
+                     "--out", str(tmp_path / "d"), "--backend", "ray")
     assert_one_error_line(result, "--backend must be local or datatrove, got 'ray'")
     assert not (tmp_path / "d").exists()

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+from support.corpora import short_documents, stdlib_texts
 
 from elm_spec import ElmError
 from elm_train.data.format import read_index, token_dtype, write_index
 from elm_train.data.prepare import PrepareOptions, ShardWriter, prepare_data
-from tests.conftest import stdlib_texts
 
 EOS = 2
 
@@ -28,41 +28,8 @@ def corenet_char_count(text: str) -> int:
     return len(re.sub(r"\s+", " ", text.strip()))
 
 
-def short_documents() -> list[str]:
-    """Documents on both sides of each filter's threshold."""
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
-    return [
-        "!?" * 150 + "abc",                       # 303 characters, 3 after normalisation
-        "a, b. c; d: " * 30,                      # 360 characters, under 200 after normalisation
-        (words * 4)[:230],                        # passes the character filter, under 256 tokens
-        words * 40,                               # long enough for both
-        "Ünïcödé façade — naïve café " * 20,      # non-ASCII, long enough
-    ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str]]:
-    """(source paths, every document in corpus order) over all four formats."""
-    root = tmp_path_factory.mktemp("corpus")
-    code = stdlib_texts(24)
-    extra = short_documents()
-    jsonl_docs = code[:7] + extra[:3]
-    gz_docs = code[7:12] + extra[3:]
-    parquet_docs = code[12:19]
-    txt_docs = code[19:24]
-    with (root / "part.jsonl").open("w") as handle:
-        for text in jsonl_docs:
-            handle.write(json.dumps({"id": len(text), "text": text}) + "\n")
-        handle.write("\n")  # blank lines are not documents
-    with gzip.open(root / "part.json.gz", "wt") as handle:
-        handle.writelines(json.dumps({"text": text}) + "\n" for text in gz_docs)
-    pq.write_table(pa.table({"text": parquet_docs}), root / "part.parquet", row_group_size=3)
-    (root / "files").mkdir()
-    for number, text in enumerate(txt_docs):
-        (root / "files" / f"doc{number:02d}.txt").write_text(text)
-    sources = [str(root / "part.jsonl"), str(root / "part.json.gz"), str(root / "part.parquet"),
-               str(root / "files")]
-    return sources, jsonl_docs + gz_docs + parquet_docs + txt_docs
 
 
 def reference_tokens(tokenizer_dir: Path, texts: list[str]) -> list[list[int]]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import run_elm
+from support.cli import run_elm
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import re
 
 import mlx.core as mx
 import pytest
+from support.cli import run_elm
 
 from elm_spec.platform import OPENBLAS_PRELOAD_ENV, openblas_preload_path
-from tests.conftest import run_elm
 
 GEMM_LINE = re.compile(r"^  MLX fp32 GEMM 1024\^3: (\d+\.\d) GFLOP/s$", re.MULTILINE)
 

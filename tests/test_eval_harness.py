@@ -9,13 +9,13 @@ import math
 from pathlib import Path
 
 import pytest
+from support.corpora import stdlib_texts
+from support.eval_tasks import write_task_files
 
 from elm_eval.backend import load_eval_model
 from elm_eval.perplexity import evaluate_perplexity, read_documents
 from elm_eval.tasks import TASKS, evaluate_tasks, load_tasks, task_loglikelihoods
 from elm_spec import ModelSpec
-from tests.conftest import stdlib_texts
-from tests.test_eval import write_task_files
 
 LM_EVAL_YAMLS = {
     "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
@@ -190,9 +190,9 @@ def test_elm_model_scores_as_lm_eval_hf_model_does(add_bos_token, harness_setup)
     for each add_bos_token setting (None: `hf`'s default, the tokenizer's own BOS)."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
+    from support.hf_wrapper import wrap_for_transformers
 
     from elm_eval.harness import ElmLM
-    from tests.hf_wrapper import wrap_for_transformers
 
     model_dir, _, _, _, _ = harness_setup
     bos_arg = {} if add_bos_token is None else {"add_bos_token": add_bos_token}

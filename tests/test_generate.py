@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten, tree_unflatten
+from support.cli import run_elm
 
 from apps.cli import main as elm_main
 from elm_mlx import load
@@ -20,7 +21,6 @@ from elm_mlx.generate import encode_prompt, generate, matvec_on_cpu, stream_gene
 from elm_spec import ElmError, ModelSpec
 from elm_spec.tokenizer import write_tokenizer_files
 from elm_train import load_model as load_torch_model
-from tests.conftest import run_elm
 
 PROMPT = "def read_config(path):\n    with open(path) as handle:"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from support.cli import run_elm
 
 from convert.pipeline import ConvertOptions, convert
 from elm_spec import ElmError, ModelSpec
 from elm_spec.tokenizer import Tokenizer
-from tests.conftest import run_elm
 
 gguf = pytest.importorskip("gguf")
 
@@ -85,14 +85,13 @@ def test_specs_llama_cpp_cannot_run_are_refused(make_model_dir, tmp_path, change
 
 def test_cli_refuses_bad_flags_and_keeps_existing_files(model_dir, tmp_path):
     result = run_elm("convert", str(model_dir), str(tmp_path / "o.gguf"), "--to", "gguf",
-                     "--outtype", "q4_k", env={"ELM_OPENBLAS": "0"})
+                     "--outtype", "q4_k")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --outtype 'q4_k': choose from f32, f16, bf16, q8_0")
     existing = tmp_path / "keep.gguf"
     existing.write_bytes(b"old")
-    result = run_elm("convert", str(model_dir), str(existing), "--to", "gguf",
-                     env={"ELM_OPENBLAS": "0"})
+    result = run_elm("convert", str(model_dir), str(existing), "--to", "gguf")
     assert result.returncode == 1 and existing.read_bytes() == b"old"
     assert "already exists (use --force to replace it)" in result.stderr
 
@@ -152,12 +151,12 @@ def test_llama_cpp_logits_match_elm(model_dir, gguf_files, outtype, tolerance):
 
 @pytest.mark.slow
 def test_llama_cpp_tokenizes_as_sentencepiece(model_dir, gguf_files):
-    from tests.test_tokenizer_agreement import corpus
+    from support.corpora import tokenizer_corpus
 
     tokenizer = Tokenizer(model_dir)
     llm = _llama(gguf_files["f32"])
     try:
-        texts = [t for t in corpus() if t and not any(s in t for s in ("<s>", "</s>", "<unk>"))]
+        texts = [t for t in tokenizer_corpus() if t and not any(s in t for s in ("<s>", "</s>", "<unk>"))]
         wrong = [t for t in texts
                  if llm.tokenize(t.encode(), add_bos=True, special=False) != tokenizer.encode(t, bos=True)]
         assert not wrong, f"{len(wrong)} of {len(texts)} strings differ, first {wrong[0]!r}"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.numpy import load_file
+from support.cli import run_elm
+from support.fake_hub import TOKEN, FakeHub, Repo
 
 from elm_spec import ModelSpec
 from elm_spec.hub import is_repo_id, model_card, split_revision
-from tests.conftest import run_elm
-from tests.fake_hub import TOKEN, FakeHub, Repo
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json")
@@ -59,7 +59,7 @@ def hub(make_model_dir) -> Iterator[FakeHub]:
 
 def hub_env(hub: FakeHub, home: Path, token: bool = False, offline: bool = False) -> dict[str, str]:
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_TOKEN": TOKEN if token else "", "ELM_OPENBLAS": "0"}
+           "HF_TOKEN": TOKEN if token else ""}
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return env

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import run_elm
 
 from elm_spec import ModelSpec
 from elm_spec.modeldir import read_tensor_index
 from elm_train import load_model
 from elm_train.model import OpenELM
-from tests.conftest import run_elm
 
 
 def test_init_writes_a_loadable_model_directory(tmp_path: Path, tokenizer_dir: Path) -> None:

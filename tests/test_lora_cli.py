@@ -15,9 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import REPO, run_elm
-from lora_support import make_quantized_model_dir, text_rows, write_jsonl
 from rich.console import Console
+from support.cli import REPO, run_elm
+from support.lora import make_quantized_model_dir, text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
 from elm_mlx.lora.fuse import fuse

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from lora_support import text_rows, write_jsonl
+from support.lora import text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
 from elm_mlx.lora.data import (

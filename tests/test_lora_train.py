@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from lora_support import case_rows, greedy, make_quantized_model_dir, text_rows, write_jsonl
+from support.lora import case_rows, greedy, make_quantized_model_dir, text_rows, write_jsonl
 
 from elm_mlx.lora.config import build_config
 from elm_mlx.lora.train import finetune
@@ -207,7 +207,7 @@ def test_gradient_accumulation_is_one_update_with_the_mean_gradient(base_dir, tm
 def test_gradient_checkpointing_gives_the_same_adapters(base_dir, tmp_path):
     """`--grad-checkpoint` recomputes activations (lower MLX peak) and changes nothing else.
     Run as commands: mlx-lm's grad_checkpoint patches the block class for the whole process."""
-    from tests.conftest import run_elm
+    from support.cli import run_elm
 
     write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(12, seed=5))
     saved = {}

@@ -12,13 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO, run_elm
-from tests.test_security import one_line_failure, run_copy, trained  # noqa: F401  (fixtures)
-from tests.test_train_fixtures import (
-    THREAD_ENV,
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-)
+from support.cli import REPO, one_line_failure, run_elm
+from support.training import THREAD_ENV
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -64,7 +59,7 @@ def test_second_data_prepare_on_one_output_is_refused(tokenizer_dir: Path, tmp_p
     its first result), keeps the output; the second gets one line naming it and its pid."""
     import signal
 
-    from tests.conftest import stdlib_files
+    from support.corpora import stdlib_files
 
     def prepare(out: Path) -> list[str]:
         return ["data", "prepare", *map(str, stdlib_files(6)), "--format", "txt", "--tokenizer",
@@ -91,7 +86,7 @@ def test_second_data_prepare_on_one_output_is_refused(tokenizer_dir: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> None:  # noqa: F811
+def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> None:
     checkpoints = run_copy / "checkpoints"
     before = digest(checkpoints)
     holder = hold_lock(checkpoints)
@@ -149,9 +144,10 @@ def test_destination_overlapping_the_source_is_refused(make_model_dir, tmp_path:
     assert digest(model) == before
 
 
-def test_resume_false_refuses_an_earlier_runs_checkpoints(run_copy: Path) -> None:  # noqa: F811
+def test_resume_false_refuses_an_earlier_runs_checkpoints(run_copy: Path) -> None:
+    from support.training import train_in_process
+
     from elm_spec import ElmError
-    from tests.test_train_fixtures import train_in_process
 
     before = digest(run_copy / "checkpoints")
     with pytest.raises(ElmError) as error:
@@ -177,9 +173,9 @@ def damage_checkpoint(step_dir: Path, damage: str) -> None:
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, damage: str,  # noqa: F811
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(run_copy: Path, damage: str,
                                                                capsys) -> None:
-    from tests.test_train_fixtures import train_in_process
+    from support.training import train_in_process
 
     damage_checkpoint(run_copy / "checkpoints" / "step-4", damage)
     result = train_in_process(run_copy / "train.yaml", "train.max_steps=3")
@@ -203,7 +199,7 @@ def read_checkpoint(capsys, command: str, source: Path, destination: Path) -> tu
 
 @pytest.mark.parametrize("command", ["convert", "export"])
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_readers_of_a_damaged_checkpoint_use_the_newest_intact_one(run_copy: Path, capsys,  # noqa: F811
+def test_readers_of_a_damaged_checkpoint_use_the_newest_intact_one(run_copy: Path, capsys,
                                                                    damage: str, command: str) -> None:
     checkpoints = run_copy / "checkpoints"
     code, err = read_checkpoint(capsys, command, checkpoints / "step-2", run_copy / "from-step-2")
@@ -224,7 +220,7 @@ def test_readers_of_a_damaged_checkpoint_use_the_newest_intact_one(run_copy: Pat
     assert not (run_copy / "out-4").exists()
 
 
-def test_no_intact_checkpoint_left_to_read(run_copy: Path, capsys) -> None:  # noqa: F811
+def test_no_intact_checkpoint_left_to_read(run_copy: Path, capsys) -> None:
     checkpoints = run_copy / "checkpoints"
     damage_checkpoint(checkpoints / "step-4", "bad-trainer-json")
     damage_checkpoint(checkpoints / "step-2", "truncated-distcp")
@@ -253,7 +249,7 @@ def test_data_prepare_workers_exit_when_the_parent_is_killed(tokenizer_dir: Path
                                                              tmp_path: Path) -> None:
     import time
 
-    from tests.conftest import stdlib_files
+    from support.corpora import stdlib_files
 
     # The parent SIGKILLs itself after its first result, with both workers alive and idle.
     process = subprocess.Popen(
@@ -278,7 +274,7 @@ def lora_args(model: Path, data: Path, adapters: Path) -> list[str]:
 
 @pytest.fixture
 def lora_data(tmp_path: Path) -> Path:
-    from tests.lora_support import text_rows, write_jsonl
+    from support.lora import text_rows, write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", text_rows(16, seed=1))
     write_jsonl(tmp_path / "data" / "valid.jsonl", text_rows(4, seed=2))

@@ -4,11 +4,17 @@ import it), and loading a model directory prints no transformers warning."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from support.cli import REPO, run_elm
 
+from apps import process
 from elm_spec import ModelSpec
-from tests.conftest import run_elm
+from elm_spec.platform import openblas_preload_path
 
 
 def imported_top_level(stderr: str) -> set[str]:
@@ -54,10 +60,6 @@ def test_torch_commands_still_import_torch(model_dir, tmp_path):
 def test_loading_a_model_directory_prints_no_transformers_warning(model_dir):
     """transformers warns that `openelm` is not a model type it knows when it reads the
     tokenizer; `elm_mlx.load` silences that one read, and restores the verbosity after."""
-    import os
-    import subprocess
-    import sys
-
     code = ("from transformers.utils import logging\nbefore = logging.get_verbosity()\n"
             "import elm_mlx\n"
             f"model, tokenizer = elm_mlx.load({str(model_dir)!r})\n"
@@ -69,3 +71,50 @@ def test_loading_a_model_directory_prints_no_transformers_warning(model_dir):
     assert "model of type" not in done.stderr and done.stderr.strip() == ""
     ids, verbosity_kept = done.stdout.rsplit(" ", 1)
     assert ids.startswith("[1, ") and verbosity_kept.strip() == "True"  # WARNING before and after
+
+
+def console_script(directory: Path) -> Path:
+    """A console script as pip writes it for `elm` (runs with its own folder on sys.path)."""
+    script = directory / "bin" / "elm"
+    script.parent.mkdir(parents=True)
+    script.write_text("import sys\nfrom apps.cli import main\nsys.exit(main())\n")
+    return script
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(openblas_preload_path() is None, reason="no OpenBLAS to restart with")
+def test_restart_keeps_the_path_a_yaml_py_in_the_working_directory_is_not_imported(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "yaml.py").write_text("raise SystemExit('the stray yaml.py was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LD_PRELOAD", None)
+    env.pop("ELM_OPENBLAS", None)
+    done = subprocess.run([sys.executable, str(console_script(tmp_path)), "doctor"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert "stray yaml.py" not in done.stdout + done.stderr
+    assert "OpenBLAS preloaded: yes" in done.stdout, done.stdout + done.stderr  # it restarted
+
+
+@pytest.mark.parametrize("argv", [["train", "config.yaml"], ["data", "prepare", "x"],
+                                  ["bench", "run"], ["tokenizer", "check", "t.model"], []])
+def test_only_mlx_commands_restart(monkeypatch, argv):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("ELM_OPENBLAS", raising=False)
+    restarts = []
+    monkeypatch.setattr(process.os, "execve", lambda *args: restarts.append(args))
+    process.reexec_with_openblas(argv)
+    assert restarts == []
+    if openblas_preload_path() is not None:
+        process.reexec_with_openblas(["generate", "--model", "m"])
+        (_, args, env), = restarts
+        assert args[-3:] == ["generate", "--model", "m"] and "-m" not in args
+        assert env["LD_PRELOAD"] == openblas_preload_path()
+
+
+def test_every_mlx_command_is_a_command():
+    from apps.cli import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    names |= {g.name for g in app.registered_groups}
+    assert names >= process.MLX_COMMANDS, process.MLX_COMMANDS - names

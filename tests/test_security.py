@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import one_line_failure, run_elm
+from support.training import THREAD_ENV
 
 from elm_spec import ElmError, ModelSpec
-from tests.conftest import run_elm
-from tests.test_train_fixtures import (
-    THREAD_ENV,
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-    train_in_process,
-    write_config,
-)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -32,34 +27,6 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, token_data: Path) -> Path:
-    """A run directory: train.yaml, checkpoints/step-2 and checkpoints/step-4."""
-    root = tmp_path_factory.mktemp("trained")
-    config = write_config(root / "train.yaml", token_data, root / "run", train={"max_steps": 4},
-                          checkpoint={"dir": str(root / "checkpoints"), "every": 2})
-    train_in_process(config)
-    return root
-
-
-@pytest.fixture
-def run_copy(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained run, its config pointing at the copy."""
-    copy = tmp_path / "copy"
-    shutil.copytree(trained, copy)
-    config = (copy / "train.yaml").read_text().replace(str(trained), str(copy))
-    (copy / "train.yaml").write_text(config)
-    return copy
-
-
-def one_line_failure(result, *mentions: str) -> str:
-    """One `error:` line (a command's own progress notes may precede it), no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for text in mentions:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def poison_metadata(step_dir: Path, marker: Path) -> None:

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from chat_support import random_adapters, running_server, with_template
-from conftest import run_elm
-from lora_support import write_jsonl
+from support.chat import random_adapters, running_server, with_template
+from support.cli import run_elm
+from support.lora import write_jsonl
 
 from elm_mlx.lora.data import shipped_chat_template
 

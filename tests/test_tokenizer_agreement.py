@@ -13,23 +13,10 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from support.corpora import stdlib_texts, tokenizer_corpus
 
 from elm_spec import ModelSpec
 from elm_spec.tokenizer import Tokenizer, write_tokenizer_files
-from tests.conftest import stdlib_texts
-
-HARD_STRINGS = [
-    " Paris", "Paris", "  two leading", "a  b   c", "trailing ", "trailing  ", "\n", "\nx",
-    "a\n\nb", "\tx\ty", " \t \n ", "ünïcödé", "é\u0301 combining", "日本語のテキスト", "中文 字符",
-    "emoji 🙂🚀 ok", "👩\u200d💻", "a</s>b", " </s> ", "<s>x", "x <unk> y", "</s>", "\x00\x01\x7f",
-    "1234567 89", "  ", " ", "ﬁ ligature", "Ｆｕｌｌ width", "tab\tend\t", "crlf\r\nline",
-    "def f(x):\n    return x  # comment\n", "ﾊﾝｶｸ", "\u00a0nbsp\u00a0", "ending newline\n",
-]
-
-
-def corpus() -> list[str]:
-    lines = [line for text in stdlib_texts(30)[20:] for line in text.splitlines()][:120]
-    return HARD_STRINGS + lines + ["\n".join(lines[i:i + 5]) for i in range(0, 60, 5)]
 
 
 def _train(directory: Path, **settings) -> Path:
@@ -60,7 +47,7 @@ def tokenizer_variant(request, tokenizer_dir, tmp_path_factory) -> Path:
 
 def expected(directory: Path) -> tuple[list[list[int]], list[str]]:
     tokenizer = Tokenizer(directory)
-    ids = [tokenizer.encode(text) for text in corpus()]
+    ids = [tokenizer.encode(text) for text in tokenizer_corpus()]
     return ids, [tokenizer.decode(i) for i in ids]
 
 
@@ -68,19 +55,19 @@ def test_sentencepiece_reference_keeps_what_the_model_does(tokenizer_variant):
     """Without special-token strings, elm's Tokenizer is SentencePiece itself."""
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_variant / "tokenizer.model"))
     tokenizer = Tokenizer(tokenizer_variant)
-    plain = [t for t in corpus() if not any(s in t for s in ("<s>", "</s>", "<unk>"))]
+    plain = [t for t in tokenizer_corpus() if not any(s in t for s in ("<s>", "</s>", "<unk>"))]
     assert tokenizer.encode_batch(plain) == processor.EncodeAsIds(plain)
     assert tokenizer.encode("a</s>b") == [*processor.EncodeAsIds("a"), 2, *processor.EncodeAsIds("b")]
-    assert tokenizer.encode_batch(corpus()) == [tokenizer.encode(t) for t in corpus()]
+    assert tokenizer.encode_batch(tokenizer_corpus()) == [tokenizer.encode(t) for t in tokenizer_corpus()]
 
 
 def _check(name: str, encode, decode, directory: Path) -> None:
     ids, texts = expected(directory)
-    got = [list(encode(text)) for text in corpus()]
-    wrong = [text for text, a, b in zip(corpus(), got, ids, strict=True) if a != b]
+    got = [list(encode(text)) for text in tokenizer_corpus()]
+    wrong = [text for text, a, b in zip(tokenizer_corpus(), got, ids, strict=True) if a != b]
     assert not wrong, f"{name}: {len(wrong)} strings get other ids, first {wrong[0]!r}"
     decoded = [decode(i) for i in ids]
-    wrong = [t for t, a, b in zip(corpus(), decoded, texts, strict=True) if a != b]
+    wrong = [t for t, a, b in zip(tokenizer_corpus(), decoded, texts, strict=True) if a != b]
     assert not wrong, f"{name}: {len(wrong)} decodes differ, first {wrong[0]!r}"
 
 
@@ -110,7 +97,7 @@ print(json.dumps([[hf.encode(t, add_special_tokens=False) for t in texts],
 def test_transformers_4_autotokenizer_agrees(tokenizer_variant, tmp_path):
     ids, texts = expected(tokenizer_variant)
     request = tmp_path / "request.json"
-    request.write_text(json.dumps([corpus(), ids]))
+    request.write_text(json.dumps([tokenizer_corpus(), ids]))
     result = subprocess.run([os.environ["ELM_TRANSFORMERS4_PYTHON"], "-c", TRANSFORMERS4_SCRIPT,
                              str(tokenizer_variant), str(request)],
                             capture_output=True, text=True, timeout=300)
@@ -155,8 +142,7 @@ def test_mlx_loaders_agree(model_dir):
 
 def test_lm_eval_hf_model_tokenizes_alike(model_dir):
     from lm_eval.models.huggingface import HFLM
-
-    from tests.hf_wrapper import wrap_for_transformers
+    from support.hf_wrapper import wrap_for_transformers
 
     lm = HFLM(pretrained=wrap_for_transformers(model_dir), tokenizer=str(model_dir),
               backend="causal", batch_size=1)

@@ -8,11 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sentencepiece as spm
+from support.cli import run_elm
+from support.corpora import stdlib_texts
 
 from elm_spec.tokenizer import Tokenizer
-from tests.conftest import run_elm, stdlib_texts
-
-NO_REEXEC = {"ELM_OPENBLAS": "0"}
 
 
 def test_train_reads_corpus_formats_and_check_describes_the_result(tmp_path: Path):
@@ -22,7 +21,7 @@ def test_train_reads_corpus_formats_and_check_describes_the_result(tmp_path: Pat
     out = tmp_path / "tok"
     result = run_elm("tokenizer", "train", str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet"),
                      "--text-key", "content", "--vocab-size", "400", "--max-documents", "11",
-                     "--out", str(out), env=NO_REEXEC)
+                     "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"trained on 11 documents ({sum(map(len, texts[:11])):,} characters)" in result.stdout
     tokenizer = Tokenizer(out)
@@ -30,7 +29,7 @@ def test_train_reads_corpus_formats_and_check_describes_the_result(tmp_path: Pat
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tokenizer.decode(tokenizer.encode("def main():\n    return 0")) == "def main():\n    return 0"
 
-    check = run_elm("tokenizer", "check", str(out), "--text", "def f", env=NO_REEXEC)
+    check = run_elm("tokenizer", "check", str(out), "--text", "def f")
     assert check.returncode == 0, check.stderr
     lines = check.stdout.splitlines()
     assert lines[0] == (f"{out / 'tokenizer.model'}: SentencePiece BPE, byte fallback yes, "
@@ -45,11 +44,11 @@ def test_check_refuses_a_tokenizer_without_the_llama_layout(tmp_path: Path):
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(stdlib_texts(3)), model_prefix=str(tmp_path / "other"),
         vocab_size=300, bos_id=-1, eos_id=1, unk_id=0, minloglevel=2)
-    result = run_elm("tokenizer", "check", str(tmp_path / "other.model"), env=NO_REEXEC)
+    result = run_elm("tokenizer", "check", str(tmp_path / "other.model"))
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {tmp_path / 'other.model'}: unk/bos/eos ids are "
                                      "(0, -1, 1), expected the Llama-2 layout (0, 1, 2)")
 
     (tmp_path / "junk.model").write_bytes(b"not a model")
-    result = run_elm("tokenizer", "check", str(tmp_path / "junk.model"), env=NO_REEXEC)
+    result = run_elm("tokenizer", "check", str(tmp_path / "junk.model"))
     assert result.stderr.strip() == f"error: {tmp_path / 'junk.model'}: not a SentencePiece model"

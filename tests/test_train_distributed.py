@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.test_train_fixtures import (
+from support.training import (
     final_weights,
     losses,
     run_under_torchrun,
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
     train_in_process,
     write_config,
 )

@@ -8,17 +8,16 @@ import time
 from pathlib import Path
 
 import torch
-
-from elm_train.checkpoint import complete_checkpoints
-from tests.conftest import run_elm
-from tests.test_train_fixtures import (
+from support.cli import run_elm
+from support.training import (
     final_weights,
     start_train,
     step_records,
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
     train_in_process,
     write_config,
 )
+
+from elm_train.checkpoint import complete_checkpoints
 
 
 def wait_for(condition, process, timeout: float = 240.0, interval: float = 0.002) -> None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from support.training import train_in_process, write_config
+
 from elm_train.syncs import HostSyncCounter
-from tests.test_train_fixtures import (
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-    train_in_process,
-    write_config,
-)
 
 
 def test_no_host_sync_between_log_and_eval_steps(token_data: Path, tmp_path: Path) -> None:

@@ -8,19 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.training import final_weights, losses, train_in_process, write_config
 
 from elm_spec import ElmError
 from elm_train.config import RECIPES, load_config
 from elm_train.data.format import Shard, write_index
 from elm_train.data.loader import TokenWindowLoader
 from elm_train.trainer import lr_multiplier, parameter_groups
-from tests.test_train_fixtures import (
-    final_weights,
-    losses,
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-    train_in_process,
-    write_config,
-)
 
 
 def counting_data(directory: Path, lengths: tuple[int, ...]) -> Path:
@@ -148,8 +142,9 @@ def test_gradient_accumulation_matches_the_larger_batch(token_data: Path, tmp_pa
 
 
 def test_export_and_plot_from_the_command_line(token_data: Path, tmp_path: Path) -> None:
+    from support.cli import run_elm
+
     from elm_train import load_model
-    from tests.conftest import run_elm
 
     config = write_config(tmp_path / "config.yaml", token_data, tmp_path / "run",
                           checkpoint={"dir": str(tmp_path / "ckpt")})

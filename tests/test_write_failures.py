@@ -12,17 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.cli import run_elm
+from support.corpora import stdlib_texts
+from support.disk import file_size_limit, read_only_tree
+from support.training import train_in_process, write_config
 
 from apps.cli import main
 from elm_spec import ModelSpec
 from elm_spec.writes import write_failure, writing
-from tests.conftest import run_elm, stdlib_texts
-from tests.disk_support import file_size_limit, read_only_tree
-from tests.test_train_fixtures import (
-    token_data_fixture,  # noqa: F401  (the token_data fixture)
-    train_in_process,
-    write_config,
-)
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]

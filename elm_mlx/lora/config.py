@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec import ElmError
+from elm_spec.settings import build_dataclass, read_yaml_mapping
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("cosine", "constant")
@@ -110,21 +111,10 @@ FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Settings from a YAML file whose keys mirror the flags (dashes or underscores); mlx-lm's
-    `lora_parameters: {rank, scale, dropout, keys}` block is accepted too."""
-    import yaml
-
-    if not path.is_file():
-        raise ElmError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ElmError(f"{path}: not valid YAML ({error})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ElmError(f"{path}: expected a mapping of settings")
+    `lora_parameters: {rank, scale, dropout, keys}` block is accepted too. Values are coerced
+    to each setting's type here, so that a bad one is named with its file."""
     settings: dict[str, Any] = {}
-    for raw_key, value in data.items():
+    for raw_key, value in read_yaml_mapping(path).items():
         key = str(raw_key).replace("-", "_")
         if key == "lora_parameters" and isinstance(value, dict):
             for inner_key, inner_value in value.items():
@@ -135,6 +125,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if key not in FIELDS:
             raise ElmError(f"{path}: unknown key {raw_key!r}")
         settings[key] = value
+    try:
+        checked = build_dataclass(FinetuneConfig, _split_keys(settings))
+    except ElmError as error:
+        raise ElmError(f"{path}: {error}") from None
+    return {key: getattr(checked, key) for key in settings}
+
+
+def _split_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """`keys: "qkv_proj, out_proj"` (as a flag gives it) -> a list."""
+    if isinstance(settings.get("keys"), str):
+        settings["keys"] = [k.strip() for k in settings["keys"].split(",") if k.strip()]
     return settings
 
 
@@ -142,9 +143,4 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> FinetuneCon
     """Defaults, then the config file, then the flags given on the command line (not None)."""
     settings = read_config_file(config_file) if config_file is not None else {}
     settings.update({key: value for key, value in flags.items() if value is not None})
-    if isinstance(settings.get("keys"), str):
-        settings["keys"] = [k.strip() for k in settings["keys"].split(",") if k.strip()]
-    try:
-        return FinetuneConfig(**settings).validate()
-    except TypeError as error:
-        raise ElmError(f"invalid settings: {error}") from None
+    return build_dataclass(FinetuneConfig, _split_keys(settings)).validate()

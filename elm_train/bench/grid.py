@@ -31,14 +31,13 @@ import yaml
 
 from elm_spec import ElmError, ModelSpec
 from elm_spec.presets import PRESETS
+from elm_spec.settings import coerce, read_yaml_mapping
 from elm_spec.spec_file import is_spec_file, spec_from_preset_or_file
 
 STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
 ATTENTION = ("eager", "sdpa", "flash")
 DTYPES = ("bfloat16", "float32")
 PRESET_DIR = Path(__file__).parent / "grids"
-# libyaml's parser when PyYAML has it: a SLURM grid of explicit cells can be long.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Axis name in the grid file -> field of Cell.
 AXES = {"models": "model", "batch_sizes": "batch_size", "attention": "attention",
@@ -188,12 +187,20 @@ class _Reader:
             return str(path if path.is_absolute() else (self.base_dir / path).resolve())
         if key in INTEGER_SETTINGS:
             minimum = INTEGER_SETTINGS[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            number = self.number(value, int, entry, f"must be an integer >= {minimum}")
+            if number < minimum:
                 raise self.fail(entry, f"must be an integer >= {minimum}, got {value!r}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            return number
+        number = self.number(value, float, entry, "must be a positive number")
+        if number <= 0:
             raise self.fail(entry, f"must be a positive number, got {value!r}")
-        return float(value)
+        return number
+
+    def number(self, value: Any, kind: type, entry: str, expected: str) -> Any:
+        try:
+            return coerce(value, kind, entry)
+        except ElmError:
+            raise self.fail(entry, f"{expected}, got {value!r}") from None
 
     def model(self, entry: Any, where: str) -> str:
         if not isinstance(entry, str) or not entry:
@@ -314,13 +321,7 @@ def load_grid(path: Path | None = None, preset: str | None = None) -> Grid:
         if preset not in known:
             raise ElmError(f"unknown grid preset {preset!r}; known: {', '.join(known)}")
         path = PRESET_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        raise ElmError(f"{path}: grid file not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
-    except yaml.YAMLError as error:
-        raise ElmError(f"{path}: not valid YAML ({error})") from None
-    return read_grid(data, str(path), path.resolve().parent)
+    return read_grid(read_yaml_mapping(path, "grid keys"), str(path), path.resolve().parent)
 
 
 # ----- the machine ----------------------------------------------------------------------------

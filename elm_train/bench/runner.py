@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
+from elm_spec.settings import set_dotted
 from elm_spec.spec_file import is_spec_file
 from elm_train.bench import cost
 from elm_train.bench.grid import Cell, Grid
@@ -142,13 +143,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 def tokens_per_step(cell: Cell) -> int:
     accumulation = int(dict(cell.settings.train).get("train.grad_accum_steps", 1))
     return cell.batch_size * cell.world_size * cell.seq_len * accumulation
-
-
-def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
-    *sections, key = dotted.split(".")
-    for section in sections:
-        config = config.setdefault(section, {})
-    config[key] = value
 
 
 def train_config(cell: Cell, run_dir: Path, max_steps: int, data_path: str | None = None

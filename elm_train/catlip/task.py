@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from elm_spec import ElmError
+from elm_spec.settings import build_dataclass
 from elm_spec.vit import CatLIPConfig, ViTSpec, read_catlip_config
 from elm_train.catlip.clip import CLIP, PAD_ID, TextSpec, contrastive_loss
 from elm_train.catlip.data import (
@@ -35,14 +36,16 @@ from elm_train.catlip.data import (
 from elm_train.catlip.modeldir import save_catlip_dir
 from elm_train.catlip.vit import build_vit
 from elm_train.catlip.vocab import Vocabulary, read_vocab
+from elm_train.config import Config
+from elm_train.tasks.base import Task, refuse_dtype
 
 
 @dataclass
 class CatLIPData:
     """The `data` section of a catlip or clip run."""
 
-    train: list[str] = field(default_factory=list)
-    valid: list[str] = field(default_factory=list)
+    train: list[str] | str = field(default_factory=list)
+    valid: list[str] | str = field(default_factory=list)
     vocab: str | None = None
     vocab_size: int | None = None
     image_size: int = 224
@@ -54,41 +57,18 @@ class CatLIPData:
     context_length: int = 77
     seed: int = 0
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> CatLIPData:
-        names = {f.name for f in dataclasses.fields(cls)}
-        # the engine's own data keys that mean nothing here
-        ignored = {"path", "synthetic"}
-        unknown = sorted(set(values) - names - ignored)
-        if unknown:
-            raise ElmError(f"unknown key data.{unknown[0]} for a catlip/clip run; "
-                           f"known: {', '.join(sorted(names))}")
-        data = cls(**{k: v for k, v in values.items() if k in names and v is not None})
-        data.train = [data.train] if isinstance(data.train, str) else list(data.train)
-        data.valid = [data.valid] if isinstance(data.valid, str) else list(data.valid)
-        data.crop_scale = tuple(float(v) for v in data.crop_scale)
-        data.mean = tuple(float(v) for v in data.mean)
-        data.std = tuple(float(v) for v in data.std)
-        if not data.vocab:
+    def __post_init__(self) -> None:
+        # One file or directory may be given without a list.
+        self.train = [self.train] if isinstance(self.train, str) else list(self.train)
+        self.valid = [self.valid] if isinstance(self.valid, str) else list(self.valid)
+        if not self.vocab:
             raise ElmError("data.vocab is required: a directory written by `elm catlip vocab`")
-        if not data.train:
+        if not self.train:
             raise ElmError("data.train is required: tar shards, CSV or JSONL files, or directories")
-        return data
 
     @property
     def splits(self) -> dict[str, list[str]]:
         return {"train": self.train, "valid": self.valid}
-
-
-def _section(config: Any, name: str) -> Mapping[str, Any]:
-    section = getattr(config, name, None)
-    if section is None:
-        return {}
-    if isinstance(section, Mapping):
-        return section
-    if dataclasses.is_dataclass(section):
-        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-    return dict(vars(section))
 
 
 def vit_spec_from_model_config(model: Mapping[str, Any], image_size: int, num_classes: int) -> ViTSpec:
@@ -110,22 +90,18 @@ def vit_spec_from_model_config(model: Mapping[str, Any], image_size: int, num_cl
     return base.replace(image_size=image_size, num_classes=num_classes)
 
 
-class CatLIPTask:
+class CatLIPTask(Task):
     """Multi-label classification over the caption synsets; BCE summed / batch size."""
 
     data_config = CatLIPData
     item_name = "images"
 
-    def __init__(self, config: Any):
-        self.config = config
-        # `elm train` keeps its own data keys (seed) in config.data and validates the rest into
-        # config.task_data; a plain mapping under `data` holds them all.
-        self.data = CatLIPData.from_mapping({**_section(config, "task_data"),
-                                             **_section(config, "data")})
-        self.model_config = _section(config, "model")
-        train = _section(config, "train")
-        self.micro_batch_size = int(train.get("micro_batch_size") or 32)
-        self.seed = int(train.get("seed") or 0)
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.data: CatLIPData = config.task_data  # the `data` section, validated by elm_train.config
+        self.model_config = dataclasses.asdict(config.model)
+        self.micro_batch_size = config.train.micro_batch_size
+        self.seed = config.train.seed
 
     @cached_property
     def vocabulary(self) -> Vocabulary:
@@ -180,11 +156,15 @@ class CatLIPTask:
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["images"].shape[0])
 
+    def has_split(self, split: str) -> bool:
+        return bool(self.data.splits.get(split))
+
     def flops_per_item(self) -> float:
         return self.spec.flops_per_image()
 
     def export(self, model_state: Mapping[str, torch.Tensor], destination: str | Path,
-               force: bool = False) -> Path:
+               dtype: str = "float32", force: bool = False) -> Path:
+        refuse_dtype(dtype, "CatLIP")
         config = CatLIPConfig(vit=self.spec, synsets=self.vocabulary.ids,
                               names=self.vocabulary.names, mean=self.data.mean, std=self.data.std)
         return save_catlip_dir(model_state, config, destination, self.data.vocab, force=force)
@@ -213,14 +193,10 @@ class CLIPTask(CatLIPTask):
                            "tokenizer.model)")
         from elm_spec.tokenizer import Tokenizer
 
-        shape = dict(self.model_config.get("text") or {})
-        unknown = sorted(set(shape) - {f.name for f in dataclasses.fields(TextSpec)})
-        if unknown:
-            raise ElmError(f"unknown key model.text.{unknown[0]}; known: "
-                           f"{', '.join(f.name for f in dataclasses.fields(TextSpec))}")
-        shape.update(vocab_size=Tokenizer(self.data.tokenizer).vocab_size,
-                     context_length=self.data.context_length)
-        return TextSpec(**shape)
+        shape = {**(self.config.model.text or {}),
+                 "vocab_size": Tokenizer(self.data.tokenizer).vocab_size,
+                 "context_length": self.data.context_length}
+        return build_dataclass(TextSpec, shape, "model.text")
 
     def _text_encoder(self):
         return TextEncoder(self.data.tokenizer, self.data.context_length)
@@ -247,9 +223,10 @@ class CLIPTask(CatLIPTask):
                       "logit_scale": float(scale.detach())}
 
     def export(self, model_state: Mapping[str, torch.Tensor], destination: str | Path,
-               force: bool = False) -> Path:
+               dtype: str = "float32", force: bool = False) -> Path:
         """Both towers and projections in model.safetensors, both shapes in config.json
         (model_type "catlip_clip")."""
+        refuse_dtype(dtype, "CLIP")
         from safetensors.torch import save_file
 
         from elm_spec.modeldir import atomic_output_dir, write_json

@@ -10,6 +10,7 @@ resumes exactly, on any number of processes.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,8 @@ class TokenWindowLoader:
 
 class SyntheticTokenLoader:
     """Uniform random tokens (for benchmarks): batch k on rank r is a pure function of (seed, k, r)."""
+
+    batches_per_epoch = sys.maxsize  # endless: no batch repeats
 
     def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, rank: int = 0,
                  seed: int = 0):

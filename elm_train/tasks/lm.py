@@ -15,6 +15,7 @@ from elm_spec.tokenizer import SENTENCEPIECE_FILE
 from elm_train.config import Config
 from elm_train.data.format import INDEX_FILE, TokenData, read_index
 from elm_train.data.loader import SyntheticTokenLoader, TokenWindowLoader
+from elm_train.tasks.base import Task
 
 
 def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
@@ -36,12 +37,11 @@ def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
     return spec
 
 
-class LanguageModelTask:
-    data_config = None
-    item_name = "tokens"
+class LanguageModelTask(Task):
+    """Causal language modelling of an OpenELM model on prepared (or synthetic) tokens."""
 
     def __init__(self, config: Config):
-        self.config = config
+        super().__init__(config)
         self.data: TokenData | None = None
         if config.data.path is not None:
             directory = Path(config.data.path)
@@ -106,6 +106,9 @@ class LanguageModelTask:
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
+
+    def has_split(self, split: str) -> bool:
+        return self.data is not None and bool(self.data.splits.get(split))
 
     def flops_per_item(self) -> float:
         return float(self.spec.flops_per_token(self.config.train.seq_len))

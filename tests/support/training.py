@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by the training tests (no tests of its own)."""
+"""Training runs for the tests: small configs, in-process and torchrun runs, what they wrote."""
 
 from __future__ import annotations
 
@@ -8,27 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REPO, stdlib_files
+from .cli import REPO
 
 # One thread per process: the tests run several processes on two cores.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-@pytest.fixture(scope="session", name="token_data")
-def token_data_fixture(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """12 standard library files as documents, the train split in several shards, some held out."""
-    from elm_train.data.prepare import PrepareOptions, prepare_data
-
-    output = tmp_path_factory.mktemp("tokens") / "data"
-    stats = prepare_data(stdlib_files(12), tokenizer_dir, output, PrepareOptions(
-        source_format="txt", min_chars=0, min_tokens=0, valid_fraction=0.1, seed=2,
-        shard_tokens=100_000, workers=1), show_progress=False)
-    assert stats["documents"]["valid"] > 0
-    return output
 
 
 def train_in_process(config: Path, *overrides: str):
@@ -73,7 +61,7 @@ def write_config(path: Path, data_dir: Path, run_dir: Path, **sections: dict) ->
 
 
 def start_train(config: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELM_OPENBLAS": "0", **THREAD_ENV}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **THREAD_ENV}
     return subprocess.Popen([sys.executable, "-m", "apps", "train", str(config), *overrides],
                             env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
