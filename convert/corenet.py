@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.errors import first_line
 from elm_spec.outputs import clean_leftovers, output_lock
 
 CORENET_VOCAB_SIZE = 32128
@@ -56,7 +57,7 @@ def spec_from_corenet_yaml(path: Path) -> tuple[ModelSpec, int]:
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ElmError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise ElmError(f"{path}: not valid YAML ({first_line(error)})") from None
     section: Any = config
     key_path = "model.language_modeling.general_gpt"
     for key in key_path.split("."):
@@ -91,11 +92,10 @@ def load_state_dict(path: Path) -> dict[str, Any]:
         mmap = zipfile.is_zipfile(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported object"
-        raise ElmError(f"{path}: not a plain state dict; refused to unpickle it ({detail[:200]})") from None
+        raise ElmError(f"{path}: not a plain state dict; refused to unpickle it "
+                       f"({first_line(error, 200, 'unsupported object')})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ElmError(f"{path}: truncated or corrupt checkpoint ({detail[:200]})") from None
+        raise ElmError(f"{path}: truncated or corrupt checkpoint ({first_line(error, 200)})") from None
     if isinstance(state, dict):
         for key in NESTED_STATE_KEYS:
             if isinstance(state.get(key), dict):

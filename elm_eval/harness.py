@@ -1,9 +1,9 @@
 """`elm` as an lm-eval-harness model: `--model elm --model_args pretrained=DIR,backend=mlx`.
 
-The `lm_eval.models` entry point in pyproject names this class; lm-eval 0.4 does not read
-that group, so the installed `elm-lm-eval.pth` (`_elm_lm_eval.py`) registers it when lm-eval
-loads its models, and a bare `lm_eval --model elm` works. Importing this module also
-registers the model (as `elm eval harness` does, which works without the install).
+Importing this module registers the model with lm-eval (`register_model`): lm-eval 0.4 has no
+plugin path for models (entry points are not read; `--include_path` is for tasks), so
+`elm eval harness ARGS` imports it and runs lm-eval's command line, and Python code imports it
+before `lm_eval.simple_evaluate(model="elm", ...)`. Nothing is installed into other processes.
 
 model_args: pretrained (model directory, required), backend (torch or mlx), adapter_path (mlx),
 dtype, max_length (default: the model's context), add_bos_token (default True), max_gen_toks
@@ -26,7 +26,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from elm_eval.backend import DEFAULT_BATCH_SIZE, default_backend, load_eval_model, window_count
+from elm_eval.backend import DEFAULT_BATCH_SIZE, default_backend, load_eval_model
+from elm_eval.model import window_count
 
 logger = logging.getLogger(__name__)
 

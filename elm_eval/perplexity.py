@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from elm_eval.backend import EvalModel, window_count
+from elm_eval.model import EvalModel, window_count
 from elm_spec import ElmError
 from elm_spec.jsonl import read_jsonl_objects
 

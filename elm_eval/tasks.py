@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elm_eval.backend import EvalModel
+from elm_eval.model import EvalModel
 from elm_spec import ElmError
 from elm_spec.jsonl import read_jsonl_objects
 from elm_spec.tokenizer import Tokenizer

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model as mlx_lm_load_model
@@ -14,8 +15,10 @@ from mlx_lm.utils import load_tokenizer
 from elm_mlx.model import Model
 from elm_spec import ElmError, ModelSpec
 from elm_spec.chat_template import chat_template_for
+from elm_spec.errors import first_line
 from elm_spec.hub import resolve
 from elm_spec.modeldir import check_tensors, read_config, read_spec, require_model_dir
+from elm_spec.names import DTYPE_NAMES
 from elm_spec.tokenizer import (
     FAST_TOKENIZER_FILE,
     SENTENCEPIECE_FILE,
@@ -30,6 +33,15 @@ class _SpecArgs:
     @staticmethod
     def from_dict(config: dict[str, Any]) -> ModelSpec:
         return ModelSpec.from_config(config)
+
+
+MLX_DTYPES: dict[str, mx.Dtype] = {name: getattr(mx, name) for name in DTYPE_NAMES}
+
+
+def mlx_dtype(name: str, flag: str = "--dtype") -> mx.Dtype:
+    if name not in MLX_DTYPES:
+        raise ElmError(f"{flag} {name!r}: choose from {', '.join(MLX_DTYPES)}")
+    return MLX_DTYPES[name]
 
 
 def _model_classes(config: dict[str, Any]) -> tuple[type[nn.Module], type]:
@@ -119,7 +131,6 @@ def read_tokenizer(directory: Path, eos_token_id: int) -> TokenizerWrapper:
     try:
         return load_tokenizer(directory, {"trust_remote_code": False}, eos_token_ids=eos_token_id)
     except ValueError as error:  # json.JSONDecodeError and transformers' own refusals
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ElmError(f"{directory}: cannot read its tokenizer ({first_line})") from None
+        raise ElmError(f"{directory}: cannot read its tokenizer ({first_line(error)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)

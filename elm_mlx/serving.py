@@ -32,8 +32,8 @@ from mlx_lm.sample_utils import (
 )
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from elm_mlx.generate import matvec_on_cpu
 from elm_mlx.loading import load, load_adapters, load_model, read_tokenizer, set_chat_template
+from elm_mlx.matvec import matvec_on_cpu
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from elm_spec.errors import ElmError
+from elm_spec.errors import ElmError, first_line
 
 # What a model directory needs; mlx-lm's loader fetches the same kinds of files.
 MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja")
@@ -130,8 +130,7 @@ def describe_hub_error(repo_id: str, revision: str | None, error: BaseException)
             if not get_token():
                 return f"{where}: 401 not logged in; log in with `hf auth login` or set HF_TOKEN"
             return f"{where}: 401 the token in use was refused (log in again or fix HF_TOKEN)"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"{where}: Hub request failed: {first}"
+        return f"{where}: Hub request failed: {first_line(error)}"
     return None
 
 

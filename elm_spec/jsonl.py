@@ -1,21 +1,24 @@
-"""Reading JSON Lines files the way every elm command does: a bad line is named, not skipped."""
+"""JSON files as elm writes them, and JSON Lines read the way every elm command does: a bad
+line is named, not skipped."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from elm_spec.errors import ElmError
 
 
-def read_jsonl_objects(path: str | os.PathLike[str], limit: int | None = None
-                       ) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_objects(path: str | os.PathLike[str], limit: int | None = None,
+                       allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line, at most LIMIT of them.
 
-    A line that is not a JSON object is one error naming the file and line; an empty file too.
+    A line that is not a JSON object is one error naming the file and line; an empty file too,
+    unless ALLOW_EMPTY.
     """
     path = Path(path)
     if path.is_dir():
@@ -28,9 +31,23 @@ def read_jsonl_objects(path: str | os.PathLike[str], limit: int | None = None
         numbered = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
         rows = [(number, _parse(path, number, line))
                 for number, line in itertools.islice(numbered, limit)]
-    if not rows:
+    if not rows and not allow_empty:
         raise ElmError(f"{path}: no rows (the file is empty)")
     return rows
+
+
+def read_jsonl_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The objects of a log elm appends to (metrics, results), skipping any line that does not
+    parse: the last one may have been cut short when its writer was killed."""
+    records = []
+    for line in Path(path).read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _parse(path: Path, number: int, line: bytes) -> dict[str, Any]:
@@ -48,3 +65,8 @@ def _parse(path: Path, number: int, line: bytes) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise ElmError(f"{path}:{number}: expected a JSON object")
     return row
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """DATA as indented JSON with a final newline."""
+    path.write_text(json.dumps(data, indent=2) + "\n")

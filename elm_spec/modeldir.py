@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec.errors import ElmError
+from elm_spec.jsonl import write_json
 from elm_spec.outputs import clean_leftovers, crash_point, output_lock, publish_permissions
 from elm_spec.spec import ModelSpec
+from elm_spec.tokenizer import TOKENIZER_FILES
 from elm_spec.writes import writing
 
 CONFIG_FILE = "config.json"
@@ -53,10 +55,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ElmError(f"{path}: expected a JSON object")
     return data
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def require_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -260,8 +258,6 @@ def replace_dir(source: Path, target: Path) -> None:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> None:
-    from elm_spec.tokenizer import TOKENIZER_FILES
-
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)

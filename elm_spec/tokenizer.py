@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from elm_spec.errors import ElmError
+from elm_spec.jsonl import write_json
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -141,8 +142,6 @@ def write_tokenizer_files(sentencepiece_model: str | os.PathLike[str],
                           directory: str | os.PathLike[str],
                           chat_template: str | None = None) -> None:
     """Copy a SentencePiece model into DIRECTORY with the configs AutoTokenizer needs."""
-    from elm_spec.modeldir import write_json
-
     source = Path(sentencepiece_model)
     target = Path(directory)
     Tokenizer(source)  # refuses anything but a Llama-2-layout SentencePiece model

@@ -40,9 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from elm_spec import ElmError
+from elm_spec.errors import first_line
 from elm_spec.outputs import output_lock
 from elm_train.parallel import DistContext
-from elm_train.safe_dcp import first_line, read_metadata, safe_load
+from elm_train.safe_dcp import read_metadata, safe_load
 
 # DCP warns when it runs without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

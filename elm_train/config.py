@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
+from elm_spec.names import ATTENTION_KINDS, STRATEGIES, TRAIN_DTYPES
 from elm_spec.settings import (
     build_dataclass,
     deep_merge,
@@ -24,10 +25,7 @@ from elm_spec.settings import (
 )
 
 TASKS = ("lm", "catlip", "clip")
-ATTENTION = ("sdpa", "eager", "flash")
-DTYPES = ("bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
 ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
 
@@ -132,7 +130,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": TASKS, "model.attention": ATTENTION, "train.dtype": DTYPES, "train.device": DEVICES,
+    "task": TASKS, "model.attention": ATTENTION_KINDS, "train.dtype": TRAIN_DTYPES, "train.device": DEVICES,
     "parallel.strategy": STRATEGIES, "optim.implementation": ADAMW_IMPLEMENTATIONS,
 }
 POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps",

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from elm_spec.jsonl import read_jsonl_objects, read_jsonl_records
 from elm_spec.writes import write_text_atomic
 
 # Dense bf16 tensor-core peaks in FLOP/s (FACTS.md section 6).
@@ -93,15 +94,8 @@ class MetricsLog:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def _drop_records_after(self, step: int) -> None:
-        kept = []
-        for line in self.path.read_text(errors="replace").splitlines(keepends=True):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        write_text_atomic(self.path, "".join(kept))
+        kept = [record for record in read_jsonl_records(self.path) if record.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -126,12 +120,4 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ElmError(f"{path}: not found (is {run_dir} a training run directory?)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ElmError(f"{path}: line {number} is not valid JSON") from None
-    return records
+    return [record for _, record in read_jsonl_objects(path, allow_empty=True)]

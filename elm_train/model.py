@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.names import ATTENTION_KINDS
 
 AttentionBackend = Literal["sdpa", "eager", "flash"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flash")
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +77,8 @@ def flash_attention_available() -> bool:
 
 
 def check_attention_backend(backend: str) -> None:
-    if backend not in ATTENTION_BACKENDS:
-        raise ElmError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    if backend not in ATTENTION_KINDS:
+        raise ElmError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_KINDS)}")
     if backend == "flash" and not flash_attention_available():
         raise ElmError("attention backend 'flash' needs the flash-attn package and a CUDA device")
 

@@ -23,12 +23,11 @@ from elm_spec.modeldir import (
     write_json,
     write_weight_index,
 )
+from elm_spec.names import DTYPE_NAMES
 from elm_spec.tokenizer import write_tokenizer_files
 from elm_train.model import AttentionBackend, OpenELM
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from elm_spec import ElmError
+from elm_spec.names import SHARDED_STRATEGIES
 from elm_spec.platform import idle_cores, load_summary
 
 
@@ -183,7 +184,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: t
 
 
 def uses_fsdp(strategy: str) -> bool:
-    return strategy in ("fsdp", "fsdp-grad-op", "hsdp")
+    return strategy in SHARDED_STRATEGIES
 
 
 @contextlib.contextmanager

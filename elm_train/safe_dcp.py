@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
 from elm_spec import ElmError
+from elm_spec.errors import first_line
 from elm_spec.modeldir import listed_file
 
 _METADATA_CLASSES = {
@@ -97,9 +98,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as error:
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
             raise ElmError(f"value {read_item.dest_index.fqn!r}: refused to unpickle it "
-                           f"({detail[:200]})") from None
+                           f"({first_line(error, 200, 'unpickling refused')})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -138,8 +138,4 @@ def original_error(error: BaseException) -> BaseException:
         return original_error(inner)
     return error
 
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 

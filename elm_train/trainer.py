@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from elm_spec import ElmError
+from elm_spec.errors import first_line
+from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.writes import writing
 from elm_train import parallel
 from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, check_resumable, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from elm_train.modeldir import torch_dtype
 from elm_train.tasks import task_class
 from elm_train.tasks.base import Task
-
-OOM_EXIT_CODE = 3
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -109,7 +109,7 @@ def train(config: Config) -> TrainResult:
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
-        message = str(error).strip().splitlines()[0][:500] if str(error).strip() else "MemoryError"
+        message = first_line(error, fallback="MemoryError")
         oom_log = MetricsLog(config.log.run_dir, ctx.is_main)
         oom_log.write({"event": "oom", "message": message, "world_size": ctx.world_size})
         oom_log.close()
@@ -131,7 +131,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     task = task_class(config.task)(config)
-    dtype = DTYPES[tc.dtype]
+    dtype = torch_dtype(tc.dtype)
     strategy = config.parallel.strategy
 
     model = task.build_model()

@@ -34,8 +34,8 @@ def test_doctor_reports_versions_and_the_automatic_openblas_preload() -> None:
     assert f"  OpenBLAS preloaded: yes ({openblas_preload_path()})" in out
     assert "fix:" not in out
     assert out.startswith("python: ") and "WordNet (CatLIP): " in out
-    # The installed elm-lm-eval.pth made `lm_eval --model elm` available in this environment.
-    assert re.search(r"^lm-eval: \S+; `lm_eval --model elm` available$", out, re.MULTILINE)
+    assert re.search(r"^lm-eval: \S+; run it with `elm eval harness --model elm ...`$", out,
+                     re.MULTILINE)
 
 
 @linux_with_openblas

@@ -13,7 +13,8 @@ from support.cli import run_elm
 from support.corpora import stdlib_texts
 from support.eval_tasks import write_quantized_dir, write_task_files
 
-from elm_eval.backend import load_eval_model, rolling_windows
+from elm_eval.backend import load_eval_model
+from elm_eval.model import rolling_windows
 from elm_eval.perplexity import evaluate_perplexity, read_documents
 from elm_eval.tasks import (
     TASKS,

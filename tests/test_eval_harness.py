@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from support.cli import REPO
 from support.corpora import stdlib_texts
 from support.eval_tasks import write_task_files
 
@@ -153,25 +154,29 @@ def test_lm_eval_runs_local_tasks_through_elm(backend, harness_setup, tmp_path, 
         assert row["resps"][0][0] == (expected[: min(cuts)] if cuts else expected)
 
 
-def test_bare_lm_eval_command_finds_the_elm_model(harness_setup, tmp_path):
-    """`lm_eval --model elm` in a fresh interpreter: the installed .pth registers the
-    `lm_eval.models` entry point, with nothing of elm imported by hand."""
+def test_documented_one_line_lm_eval_command_finds_the_elm_model(harness_setup, tmp_path):
+    """docs/eval.md's `python -c` line in a fresh interpreter runs lm-eval's own command line
+    with `--model elm`; and nothing of elm hooks a plain interpreter (no `.pth` import hook)."""
     import os
     import subprocess
     import sys
-    import sysconfig
 
-    pth = Path(sysconfig.get_paths()["purelib"]) / "elm-lm-eval.pth"
-    assert pth.is_file(), f"{pth} missing: elm is not installed here (pip install -e .)"
+    plain = subprocess.run([sys.executable, "-c", "import sys; print(sorted(type(f).__module__ "
+                            "for f in sys.meta_path))"], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert "elm" not in plain.stdout, plain.stdout
+    one_line = next(line for line in (REPO / "docs" / "eval.md").read_text().splitlines()
+                    if line.startswith('python -c "import sys, elm_eval.harness'))
+    code = one_line.split('"')[1]
     model_dir, _, yamls, texts, _ = harness_setup
     rolling_only = tmp_path / "yaml"
     rolling_only.mkdir()
     (rolling_only / "rolling.yaml").write_text((yamls / "rolling.yaml").read_text())
     output = tmp_path / "out"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    env.pop("PYTHONPATH", None)  # the installed package, as a user has it
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "elm", "--model_args",
+        [sys.executable, "-c", code, "--model", "elm", "--model_args",
          f"pretrained={model_dir},backend=mlx", "--tasks", "local_rolling",
          "--include_path", str(rolling_only), "--output_path", str(output)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,8 @@ from support.cli import run_elm
 
 from apps.cli import main as elm_main
 from elm_mlx import load
-from elm_mlx.generate import encode_prompt, generate, matvec_on_cpu, stream_generate
+from elm_mlx.generate import encode_prompt, generate, stream_generate
+from elm_mlx.matvec import matvec_on_cpu
 from elm_spec import ElmError, ModelSpec
 from elm_spec.tokenizer import write_tokenizer_files
 from elm_train import load_model as load_torch_model
@@ -64,7 +65,7 @@ def tokens_of(model, tokenizer, prompt, **options) -> list[int]:
 def test_greedy_tokens_match_the_torch_twin_with_and_without_matvec(model_dir: Path, loaded,
                                                                     monkeypatch) -> None:
     # Route every layer of the tiny model, not only the large ones.
-    monkeypatch.setattr("elm_mlx.generate.MATVEC_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr("elm_mlx.matvec.MATVEC_MIN_WEIGHT_BYTES", 0)
     model, tokenizer = loaded
     ids = encode_prompt(tokenizer, PROMPT)
     assert ids[0] == 1  # the tokenizer's BOS, as mlx-lm adds it

@@ -13,15 +13,9 @@ import pytest
 
 from convert.pipeline import ConvertOptions, convert
 from elm_spec import ModelSpec
-from elm_spec.hf_config import (
-    AUTO_MAP,
-    apple_reader_mismatch,
-    apple_reader_shapes,
-    config_from_spec,
-    reader_notes,
-    spec_from_config,
-)
+from elm_spec.hf_config import AUTO_MAP, apple_reader_mismatch, apple_reader_shapes, reader_notes
 from elm_spec.modeldir import read_config
+from elm_spec.spec import config_from_spec, spec_from_config
 
 TINY = ModelSpec.from_preset("elm-tiny")
 

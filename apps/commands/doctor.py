@@ -131,10 +131,7 @@ def lm_eval_line() -> str:
     version = package_version("lm_eval")
     if version is None:
         return "lm-eval: not installed (`pip install elm[eval]`)"
-    if "_elm_lm_eval" in sys.modules:  # imported at start-up by the installed elm-lm-eval.pth
-        return f"lm-eval: {version}; `lm_eval --model elm` available"
-    return (f"lm-eval: {version}; `lm_eval --model elm` unavailable (elm-lm-eval.pth not "
-            "installed: `pip install -e .`), `elm eval harness` works")
+    return f"lm-eval: {version}; run it with `elm eval harness --model elm ...`"
 
 
 def wordnet_line() -> str:

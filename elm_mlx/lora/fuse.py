@@ -5,20 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from elm_mlx.loading import load_adapters, load_model
+from elm_mlx.loading import load_adapters, load_model, mlx_dtype
 from elm_mlx.save import save_mlx_model_dir
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
 from elm_spec.hub import resolve
 from elm_spec.modeldir import read_config
 from elm_spec.tokenizer import require_tokenizer
-
-EXPORT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def fused_model(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str],
@@ -50,11 +47,10 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
         config.pop("quantization_config", None)
     if export or dtype is not None:
         name = dtype or "float32"
-        if name not in EXPORT_DTYPES:
-            raise ElmError(f"--dtype {name!r}: choose from {', '.join(EXPORT_DTYPES)}")
+        target = mlx_dtype(name)
         if "quantization" in config:
             raise ElmError("--dtype applies to unquantized output; add --dequantize or --export")
-        model.update(tree_map(lambda w: w.astype(EXPORT_DTYPES[name]), model.parameters()))
+        model.update(tree_map(lambda w: w.astype(target), model.parameters()))
         config["torch_dtype"] = name
     if export:
         config = model.spec.to_config(torch_dtype=config["torch_dtype"])

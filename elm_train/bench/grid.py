@@ -30,13 +30,11 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.names import ATTENTION_KINDS, STRATEGIES, TRAIN_DTYPES
 from elm_spec.presets import PRESETS
 from elm_spec.settings import coerce, read_yaml_mapping
 from elm_spec.spec_file import is_spec_file, spec_from_preset_or_file
 
-STRATEGIES = ("none", "ddp", "fsdp", "fsdp-grad-op", "hsdp")
-ATTENTION = ("eager", "sdpa", "flash")
-DTYPES = ("bfloat16", "float32")
 PRESET_DIR = Path(__file__).parent / "grids"
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Axis name in the grid file -> field of Cell.
@@ -234,7 +232,8 @@ class _Reader:
                     raise self.fail(entry, f"must be a positive integer, got {value!r}")
                 checked.append(value)
             else:
-                choices = {"attention": ATTENTION, "strategies": STRATEGIES, "dtype": DTYPES}[axis]
+                choices = {"attention": ATTENTION_KINDS, "strategies": STRATEGIES,
+                           "dtype": TRAIN_DTYPES}[axis]
                 if value not in choices:
                     kind = {"attention": "attention backend", "strategies": "strategy",
                             "dtype": "dtype"}[axis]

@@ -33,6 +33,8 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
+from elm_spec.jsonl import read_jsonl_objects, read_jsonl_records
+from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.settings import set_dotted
 from elm_spec.spec_file import is_spec_file
 from elm_train.bench import cost
@@ -41,7 +43,6 @@ from elm_train.bench.grid import Cell, Grid
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 GRID_FILE = "grid.yaml"
-OOM_EXIT_CODE = 3
 FINISHED = ("ok", "oom")
 # Out-of-memory errors raised where the engine does not turn them into exit code 3 (e.g. while
 # building or wrapping the model), as torch and Python word them.
@@ -103,13 +104,7 @@ class ResultsStore:
         if not self.jsonl.is_file():
             return []
         latest: dict[str, dict[str, Any]] = {}
-        for number, line in enumerate(self.jsonl.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ElmError(f"{self.jsonl}: line {number} is not JSON ({error})") from None
+        for _, row in read_jsonl_objects(self.jsonl, allow_empty=True):
             latest[row.get("key") or json.dumps(row, sort_keys=True)] = row
         return list(latest.values())
 
@@ -255,14 +250,11 @@ def stop(process: subprocess.Popen) -> None:
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(per-step records sorted by step, events) from the engine's metrics.jsonl."""
     steps, events = [], []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if "event" in record:
-                    events.append(record)
-                elif "step" in record:
-                    steps.append(record)
+    for record in read_jsonl_records(path) if path.is_file() else []:
+        if "event" in record:
+            events.append(record)
+        elif "step" in record:
+            steps.append(record)
     return sorted(steps, key=lambda r: r["step"]), events
 
 

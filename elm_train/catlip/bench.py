@@ -20,6 +20,7 @@ from elm_spec.vit import ViTSpec
 from elm_train.catlip.clip import CLIP, TextSpec, contrastive_loss
 from elm_train.catlip.task import catlip_loss
 from elm_train.catlip.vit import build_vit
+from elm_train.modeldir import TORCH_DTYPES
 
 
 @dataclass
@@ -78,7 +79,7 @@ def run_bench(spec: ViTSpec, text: TextSpec, batch: int, steps: int, warmup: int
               device: str = "cpu", dtype: str = "float32",
               progress: Callable[[], None] | None = None) -> tuple[BenchResult, BenchResult]:
     torch_device = torch.device(device)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     runners = {"CatLIP": _catlip_step(spec, batch, torch_device, torch_dtype),
                "CLIP": _clip_step(spec, text, batch, torch_device, torch_dtype)}
     times: dict[str, list[float]] = {name: [] for name in runners}

@@ -1,4 +1,4 @@
-"""The PyTorch twin behind `elm eval` and the lm-eval-harness backend (`elm_eval.backend`)."""
+"""The PyTorch twin behind `elm eval` and the lm-eval-harness backend (`elm_eval.model`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from elm_eval.backend import EvalModel, Window
+from elm_eval.model import EvalModel, Window
 from elm_spec.tokenizer import Tokenizer
 from elm_train.modeldir import load_model
 

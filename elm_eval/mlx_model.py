@@ -1,4 +1,4 @@
-"""The MLX twin behind `elm eval` and the lm-eval-harness backend (`elm_eval.backend`).
+"""The MLX twin behind `elm eval` and the lm-eval-harness backend (`elm_eval.model`).
 
 Plain and quantized model directories load through `elm_mlx.load_model`, optionally with LoRA
 adapters; greedy generation is mlx-lm's `generate_step` with its KV cache.
@@ -14,12 +14,9 @@ import mlx.core as mx
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
 
-from elm_eval.backend import EvalModel, Window
-from elm_mlx.loading import load_adapters, load_model
-from elm_spec import ElmError
+from elm_eval.model import EvalModel, Window
+from elm_mlx.loading import load_adapters, load_model, mlx_dtype
 from elm_spec.tokenizer import Tokenizer
-
-MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 class MLXEvalModel(EvalModel):
@@ -35,9 +32,7 @@ class MLXEvalModel(EvalModel):
         if adapter_path is not None:
             load_adapters(self.model, adapter_path)
         if dtype is not None:
-            if dtype not in MLX_DTYPES:
-                raise ElmError(f"unknown dtype {dtype!r}; choose from {', '.join(MLX_DTYPES)}")
-            target = MLX_DTYPES[dtype]
+            target = mlx_dtype(dtype)
             # Only floating tensors change; quantized weights keep their packed integers.
             self.model.update(tree_map(
                 lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
