@@ -1,7 +1,7 @@
 """A full training step of an OpenELM-270M-shape model on this CPU against the torch GEMM ceiling.
 
 The step is what `elm train` runs (the lm task's loss with z-loss, backward, gradient clipping,
-AdamW); its FLOPs are ModelSpec.flops_per_token (FACTS.md section 6). The ceiling is the best
+AdamW); its FLOPs are ModelSpec.flops_per_token (docs/reference.md section 6). The ceiling is the best
 FLOP/s of a square fp32 torch matmul, measured in the same run, interleaved with the steps so
 that load from other processes hits both alike. Run it one job at a time.
 
@@ -26,8 +26,7 @@ from elm_train.trainer import build_optimizer
 def build(spec: ModelSpec, attention: str, implementation: str):
     model = OpenELM(spec, attention=attention)
     model.init_weights(torch.Generator().manual_seed(0))
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-4, implementation=implementation),
-                                torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4, implementation=implementation))
     return model, optimizer
 
 

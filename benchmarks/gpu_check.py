@@ -119,7 +119,7 @@ def write_table(args, device: str, rows: list) -> None:
     lines = [f"# Training throughput on {device}", "",
              f"`elm train` on synthetic tokens, sequence {args.seq_len}, {args.dtype}, one device; "
              f"median of {args.steps} steps after {args.warmup} warm-up steps; MFU against the "
-             "dense bf16 peak (FACTS.md section 6).", "",
+             "dense bf16 peak (docs/reference.md section 6).", "",
              "| model | micro batch | attention | compile | tokens/s | MFU | step (s) | peak memory (GB) | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for preset, batch, attention, compile_blocks, outcome in rows:

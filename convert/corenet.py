@@ -2,7 +2,7 @@
 
 CoreNet names drop the HF `transformer.` prefix and call an untied head `classifier`; it trains
 with 32128 embedding rows (32000 Llama-2 pieces, pad id 32000, hardware padding), which import
-cuts to the tokenizer's size (FACTS.md section 2).
+cuts to the tokenizer's size (docs/reference.md section 2).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from convert.quantize import (
     quantized_shapes,
 )
 from convert.safetensors_io import PlannedTensor, ShardedWriter
-from convert.sources import ShapeOptions, Source, cut_rows, open_source
+from convert.sources import ShapeOptions, Source, cut_rows, open_model_dir, open_source
 from convert.tensors import DTYPE_NAMES, Tensor, dtype_code, from_mlx, from_torch, to_mlx
 from elm_spec import ElmError
 from elm_spec.hf_config import reader_notes
@@ -128,9 +128,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions,
 
 
 def _catlip_converter(src: Path) -> Callable[[Path, Path, bool], Any] | None:
-    """The CatLIP converter, when that module exists and recognises SRC."""
-    if importlib.util.find_spec("convert.catlip") is None:
-        return None
+    """The CatLIP converter, when SRC is a CatLIP model directory."""
     from convert import catlip
 
     return catlip.convert_catlip if catlip.is_catlip_source(src) else None
@@ -259,7 +257,7 @@ def _warn_float16_range(source: Source, report: ConvertReport) -> None:
         return
     from convert.verify import float16_activation_peak, probe_ids, torch_model
 
-    model = torch_model({n: source.read(n) for n in source.names}, source.spec)
+    model = torch_model(_all_tensors(source), source.spec)
     peak, where = float16_activation_peak(model, probe_ids(source.spec, source.tokenizer))
     from convert.verify import FLOAT16_MAX
 
@@ -268,7 +266,7 @@ def _warn_float16_range(source: Source, report: ConvertReport) -> None:
                    f"probe prompt (float16 max {FLOAT16_MAX:g}); use --dtype bfloat16")
 
 
-def _source_tensors(source: Source) -> dict[str, Tensor]:
+def _all_tensors(source: Source) -> dict[str, Tensor]:
     return {name: source.read(name) for name in source.names}
 
 
@@ -280,20 +278,16 @@ def _verify_model_dir(source: Source, staging: Path, dst: Path, code: str, optio
     quant_bits = options.q_bits if options.quantize else None
     if options.target == "torch" and source.is_model_dir:
         reference = mlx_logits(source.path, ids)
-        candidate = torch_logits(torch_model(_dir_tensors(staging), source.spec), ids)
+        candidate = torch_logits(torch_model(_all_tensors(open_model_dir(staging, ShapeOptions())),
+                                             source.spec), ids)
         names = (f"MLX twin on {source.path}", f"PyTorch twin on {dst}")
     else:
-        reference = torch_logits(torch_model(_source_tensors(source), source.spec), ids)
+        reference = torch_logits(torch_model(_all_tensors(source), source.spec), ids)
         candidate = mlx_logits(staging, ids)
         names = (f"PyTorch twin on {source.path} (float32)", f"MLX twin on {dst}")
     _finish_verify(compare(reference, candidate, *names, code, quant_bits), report)
 
 
-def _dir_tensors(directory: Path) -> dict[str, Tensor]:
-    from convert.sources import open_model_dir
-
-    written = open_model_dir(directory, ShapeOptions())
-    return {name: written.read(name) for name in written.names}
 
 
 def _finish_verify(result: Any, report: ConvertReport) -> None:
@@ -344,7 +338,7 @@ def _verify_corenet(source: Source, written_file: Path, code: str, report: Conve
     if source.is_model_dir:
         reference, name = mlx_logits(source.path, ids), f"MLX twin on {source.path}"
     else:
-        reference = torch_logits(torch_model(_source_tensors(source), source.spec), ids)
+        reference = torch_logits(torch_model(_all_tensors(source), source.spec), ids)
         name = f"PyTorch twin on {source.path}"
     _finish_verify(compare(reference, candidate, name, f"PyTorch twin on {report.destination}",
                            code, None), report)

@@ -106,12 +106,8 @@ class Model(nn.Module):
         if not spec.share_input_output_layers:
             self.lm_head = nn.Linear(spec.model_dim, spec.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: Any = None, mask: Any = None,
-                 last_only: bool = False) -> mx.array:
-        hidden = self.transformer(inputs, cache, mask)
-        if last_only:
-            hidden = hidden[:, -1:, :]
-        return self.project(hidden)
+    def __call__(self, inputs: mx.array, cache: Any = None, mask: Any = None) -> mx.array:
+        return self.project(self.transformer(inputs, cache, mask))
 
     def project(self, hidden: mx.array) -> mx.array:
         """Hidden states to vocabulary logits."""

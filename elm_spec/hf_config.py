@@ -1,4 +1,4 @@
-"""How Apple's HF reader sees an OpenELM `config.json` (FACTS.md section 2); the lossless
+"""How Apple's HF reader sees an OpenELM `config.json` (docs/reference.md section 2); the lossless
 mapping itself is `ModelSpec.from_config` / `ModelSpec.to_config` in elm_spec.spec.
 
 The written config carries the expanded per-layer lists (`ffn_multipliers`, `num_query_heads`,

@@ -11,7 +11,7 @@ _OPENELM = dict(num_gqa_groups=4, qkv_multipliers=(0.5, 1.0), ffn_multipliers=(0
 
 def _llama_style(layers: int, width: int, head_dim: int) -> dict[str, Any]:
     """The study's LLaMA-style models: uniform layers, multi-head attention, SwiGLU at 8/3 d,
-    untied embeddings, no qk-norm (FACTS.md section 4)."""
+    untied embeddings, no qk-norm (docs/reference.md section 4)."""
     return dict(num_transformer_layers=layers, model_dim=width, head_dim=head_dim,
                 num_gqa_groups=1, qkv_multipliers=(1.0,), ffn_multipliers=(8 / 3,),
                 ffn_dim_divisor=256, normalize_qk_projections=False,

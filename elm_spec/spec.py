@@ -1,7 +1,7 @@
 """OpenELM layer-wise scaling: the one description of a model both twins are built from.
 
 Per layer i of N: a_i = round(linspace(a_min, a_max, N)[i], 2) scales the query width,
-b_i the FFN width (FACTS.md section 1). A single multiplier means uniform layers; a list of
+b_i the FFN width (docs/reference.md section 1). A single multiplier means uniform layers; a list of
 N multipliers is taken as given (that is what HF config.json files carry for the FFN).
 """
 
@@ -170,7 +170,7 @@ class ModelSpec:
         return blocks + self.vocab_size * self.model_dim
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 N_matmul + 12 sum_i(nq_i h) T (FACTS.md section 6)."""
+        """Training FLOPs per token: 6 N_matmul + 12 sum_i(nq_i h) T (docs/reference.md section 6)."""
         attention = 12 * sum(q * self.head_dim for q in self.num_query_heads) * seq_len
         return 6 * self.num_matmul_parameters() + attention
 

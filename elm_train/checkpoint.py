@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,7 @@ from elm_spec import ElmError
 from elm_spec.errors import first_line
 from elm_spec.outputs import output_lock
 from elm_train.parallel import DistContext
-from elm_train.safe_dcp import read_metadata, safe_load
-
-# DCP warns when it runs without a process group; one process is a supported case here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+from elm_train.safe_dcp import read_metadata, safe_load, single_process_quiet
 
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"
@@ -187,8 +183,9 @@ class Checkpointer:
         self.ctx.barrier()
         try:
             model_state, optim_state = get_state_dict(model, optimizer)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging),
-                     no_dist=not self.ctx.distributed)
+            with single_process_quiet():
+                dcp.save({"model": model_state, "optim": optim_state},
+                         checkpoint_id=str(staging), no_dist=not self.ctx.distributed)
             torch.save({"rng": rng_state()}, staging / rank_file(self.ctx.rank))
             self.ctx.barrier()
             if self.ctx.is_main:

@@ -140,7 +140,7 @@ NON_NEGATIVE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.w
                 "checkpoint.every", "train.eval_every", "train.threads", "log.peak_flops")
 
 
-# ----- recipes (FACTS.md section 3: CoreNet's OpenELM configs) --------------------------
+# ----- recipes (docs/reference.md section 3: CoreNet's OpenELM configs) --------------------------
 def _openelm_recipe(preset: str, lr: float, checkpointing: bool, strategy: str) -> dict[str, Any]:
     return {
         "model": {"preset": preset},

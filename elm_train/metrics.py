@@ -1,4 +1,4 @@
-"""Throughput accounting (FACTS.md section 6), peak memory, and the run's metrics log.
+"""Throughput accounting (docs/reference.md section 6), peak memory, and the run's metrics log.
 
 RUN_DIR/metrics.jsonl gets one JSON object per logged step and a last `{"event": "end"}`
 line; rank 0 writes it. TensorBoard scalars are optional.
@@ -19,7 +19,7 @@ import torch
 from elm_spec.jsonl import read_jsonl_objects, read_jsonl_records
 from elm_spec.writes import write_text_atomic
 
-# Dense bf16 tensor-core peaks in FLOP/s (FACTS.md section 6).
+# Dense bf16 tensor-core peaks in FLOP/s (docs/reference.md section 6).
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 METRICS_FILE = "metrics.jsonl"

@@ -206,7 +206,7 @@ class OpenELM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """CoreNet's initialisation (FACTS.md section 1)."""
+        """CoreNet's initialisation (docs/reference.md section 1)."""
         spec = self.spec
         residual_std = spec.model_dim ** -0.5 * (2 * spec.num_transformer_layers) ** -0.5
         for name, module in self.named_modules():

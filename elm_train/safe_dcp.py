@@ -9,9 +9,12 @@ storage file named by the metadata must lie inside the checkpoint directory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +118,23 @@ def read_metadata(directory: str | os.PathLike[str]) -> dcp_metadata.Metadata:
         raise ElmError(f"{metadata_file}: cannot be read ({error.strerror or error})") from None
 
 
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns when it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                                "uninitialized")
+        yield
+
+
 def safe_load(state: dict[str, Any], directory: str | os.PathLike[str], *, no_dist: bool = True,
               what: str = "cannot be loaded into this model") -> None:
     """`dcp.load(STATE)` from DIRECTORY in place; every failure becomes one ElmError line."""
     read_metadata(directory)  # first, so that DCP never logs its fallback for unreadable metadata
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)),
-                 planner=SafeLoadPlanner(), no_dist=no_dist)
+        with single_process_quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)),
+                     planner=SafeLoadPlanner(), no_dist=no_dist)
     except ElmError:
         raise
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException

@@ -69,7 +69,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     implementation = optim.implementation
     if implementation == "auto":
         # One pass over parameter, gradient and both moments, on GPUs and CPUs alike (the CPU
@@ -144,7 +144,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                 if dtype != torch.float32 and not parallel.uses_fsdp(strategy)
                 else contextlib.nullcontext())
 
-    optimizer = build_optimizer(model, config.optim, ctx.device)
+    optimizer = build_optimizer(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, config.optim, tc.max_steps))
     loader = task.build_loader("train", ctx.rank, ctx.world_size)

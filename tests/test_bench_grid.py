@@ -30,7 +30,7 @@ def test_paper_preset_is_the_studys_grid() -> None:
     assert {(c.seq_len, c.dtype) for c in cells} == {(1024, "bfloat16")}
     assert len(cells) == 4 * 5 * 2 * 3 * 7
     assert all(c.settings.repeats >= 3 and c.settings.steps_per_repeat == 10 for c in cells)
-    # The study's LLaMA-style sizes (FACTS.md section 4).
+    # The study's LLaMA-style sizes (docs/reference.md section 4).
     shapes = {c.model: (c.spec().num_transformer_layers, c.spec().model_dim) for c in cells}
     assert shapes == {"llama-100M": (9, 864), "llama-500M": (15, 1536), "llama-1B": (19, 1920),
                       "llama-2B": (24, 2496)}

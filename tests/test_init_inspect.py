@@ -36,16 +36,20 @@ def test_init_writes_a_loadable_model_directory(tmp_path: Path, tokenizer_dir: P
 
 
 def test_init_follows_corenet_initialisation() -> None:
+    """docs/reference.md section 1, worked out by hand for elm-small (d 256, 6 layers): every
+    linear weight N(0, 256^-0.5 = 0.0625) but out_proj and proj_2, N(0, 256^-0.5 * 12^-0.5 =
+    0.018042); the embedding N(0, 0.0625); norms 1."""
     spec = ModelSpec.from_preset("elm-small")
+    assert (spec.model_dim, spec.num_transformer_layers) == (256, 6)
     model = OpenELM(spec)
     model.init_weights(torch.Generator().manual_seed(0))
-    d, layers = spec.model_dim, spec.num_transformer_layers
-    block = model.transformer.layers[2]
-    assert block.attn.qkv_proj.weight.std().item() == pytest.approx(d ** -0.5, rel=0.02)
-    assert block.ffn.proj_2.weight.std().item() == pytest.approx(d ** -0.5 * (2 * layers) ** -0.5, rel=0.02)
-    assert block.attn.out_proj.weight.std().item() == pytest.approx(d ** -0.5 * (2 * layers) ** -0.5, rel=0.02)
-    assert model.transformer.token_embeddings.weight.std().item() == pytest.approx(d ** -0.5, rel=0.02)
-    assert torch.all(block.attn_norm.weight == 1)
+    for name, weight in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.all(weight == 1), name
+            continue
+        expected = 0.018042 if name.endswith(("out_proj.weight", "proj_2.weight")) else 0.0625
+        assert weight.std().item() == pytest.approx(expected, rel=0.03), name
+        assert abs(weight.mean().item()) < 0.1 * expected, name
 
 
 def test_init_in_bfloat16_and_from_a_spec_file(tmp_path: Path) -> None:

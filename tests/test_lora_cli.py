@@ -121,7 +121,8 @@ def test_qlora_fuse_requantizes_or_dequantizes(setup, tmp_path):
 
 
 def test_errors_are_one_line(setup, make_model_dir, resumed_run, tmp_path):
-    missing = run_elm("finetune", "--lora", "--model", str(setup["model"]), "--data",
+    # --lora is accepted (mlx_lm.lora's spelling) but not needed
+    missing = run_elm("finetune", "--model", str(setup["model"]), "--data",
                       str(tmp_path), "--adapter-path", str(tmp_path / "a"))
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [

@@ -54,11 +54,15 @@ def test_parameter_count_equals_the_pytorch_twin(name: str) -> None:
 
 
 def test_flops_per_token_counts_matmuls_and_attention() -> None:
+    from elm_train.model import OpenELM
+
     spec = ModelSpec.from_preset("OpenELM-270M")
     embedding = spec.vocab_size * spec.model_dim
-    norms = spec.num_parameters() - spec.num_matmul_parameters()
-    assert norms == spec.num_transformer_layers * (2 * 1280 + 2 * 64) + 1280
-    assert spec.num_matmul_parameters() == spec.num_parameters() - norms
+    with torch.device("meta"):
+        model = OpenELM(spec)
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # linears and embedding
+    assert spec.num_matmul_parameters() == matmul
+    assert spec.num_parameters() - matmul == spec.num_transformer_layers * (2 * 1280 + 2 * 64) + 1280
     attention = 12 * sum(OPENELM_270M_QUERY_HEADS) * 64 * 2048
     assert spec.flops_per_token(2048) == 6 * spec.num_matmul_parameters() + attention
     assert spec.num_matmul_parameters() > embedding  # the tied head is counted once

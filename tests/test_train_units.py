@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.cli import REPO
 from support.training import final_weights, losses, train_in_process, write_config
 
 from elm_spec import ElmError
@@ -111,9 +112,25 @@ def test_recipe_yaml_and_overrides_stack(tmp_path: Path) -> None:
     assert config.optim.lr == 2e-4 and config.optim.warmup_steps == 10
     assert config.optim.betas == [0.9, 0.95] and config.optim.z_loss == 1e-4
     assert config.train.max_steps == 20 and config.train.dtype == "bfloat16"
-    assert RECIPES["openelm-3b"]["parallel"]["strategy"] == "fsdp"
-    assert load_config(data={"recipe": "openelm-1.1b", "data": {"synthetic": True}}
-                       ).train.activation_checkpointing is True
+
+
+def published_recipes() -> dict[str, list[str]]:
+    """The recipe table of docs/reference.md section 3 (CoreNet's configs): name -> row cells."""
+    text = (REPO / "docs" / "reference.md").read_text()
+    section = text.split("## 3. ", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| openelm")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_recipes_are_corenets_published_settings() -> None:
+    published = published_recipes()
+    assert sorted(published) == sorted(RECIPES)
+    for name, (preset, lr, checkpointing, strategy) in published.items():
+        config = load_config(data={"recipe": name, "data": {"synthetic": True}})
+        assert config.model.preset == preset and config.optim.lr == float(lr), name
+        assert config.train.activation_checkpointing is (checkpointing == "yes"), name
+        assert config.parallel.strategy == strategy, name
+        assert (config.optim.warmup_steps, config.train.max_steps) == (5000, 350_000), name
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -7,14 +7,13 @@ from pathlib import Path
 import typer
 
 from apps.process import keep_torch_out
-from elm_spec import ElmError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune(
-        lora: bool = typer.Option(False, "--lora", help="Fine-tune with adapters (LoRA, DoRA, "
-                                  "QLoRA on a quantized model) or, with --fine-tune-type full, all weights."),
+        lora: bool = typer.Option(False, "--lora", help="Accepted for mlx_lm.lora's command "
+                                  "line; adapters are the default (see --fine-tune-type)."),
         model: str = typer.Option(None, "--model", help="Model directory (plain or quantized)."),
         data: str = typer.Option(None, "--data", help="Directory with train.jsonl, optionally valid.jsonl and test.jsonl."),
         adapter_path: str = typer.Option(None, "--adapter-path", help="Output directory for adapters (default adapters)."),
@@ -62,8 +61,6 @@ def register(app: typer.Typer) -> None:
         from elm_mlx.lora.config import build_config
         from elm_mlx.lora.train import finetune as run_finetune
 
-        if not lora:
-            raise ElmError("elm finetune needs --lora (adapters, or --lora --fine-tune-type full)")
         flags = dict(model=model, data=data, adapter_path=adapter_path, fine_tune_type=fine_tune_type,
                      rank=rank, alpha=alpha, dropout=dropout, keys=keys, num_layers=num_layers,
                      iters=iters, batch_size=batch_size, learning_rate=learning_rate,

@@ -1,6 +1,6 @@
 """The cost model: a price table per device type, the device in use, Token/$ and Loss/$.
 
-Token/$ = tokens/s x 3600 / price per hour (FACTS.md section 4's Token/Second over
+Token/$ = tokens/s x 3600 / price per hour (docs/reference.md section 4's Token/Second over
 Dollar/Second). Loss/$ = Loss/Token x Token/s / (Dollar/s), with Loss/Token measured as the
 loss a fixed token budget removed, divided by that budget.
 """

@@ -1,7 +1,7 @@
 """Captions to WordNet noun synsets, as CatLIP (CoreNet's wordnet_tagged_classification) does it.
 
 Needs NLTK and the WordNet 3.0 database, not torch, so the Mac side and `elm catlip synsets`
-run without it. Procedure (FACTS.md section 5, CoreNet's `caption_preprocessing` and
+run without it. Procedure (docs/reference.md section 5, CoreNet's `caption_preprocessing` and
 `_convert_caption_to_labels`): unquote URL escapes, '+' to space, strip HTML tags, strip
 newlines at the ends, collapse spaces, ftfy.fix_text, strip, lowercase; split into sentences
 and words; lemmatize each word with WordNet (noun); keep it when `wn.synset(word + ".n.01")`
