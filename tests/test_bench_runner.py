@@ -25,6 +25,8 @@ from elm_train.bench.grid import load_grid
 from elm_train.bench.slurm import write_slurm
 from elm_train.data.format import Shard, shard_name, write_index
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 # The test machine's cores are shared: one thread per process keeps step times steady (and is
 # what torchrun gives each of several processes anyway).
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -23,6 +23,8 @@ from elm_train.catlip.data import (
 from elm_train.catlip.synthetic import write_shapes_shards
 from elm_train.catlip.vocab import cached_labels, read_vocab
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 
 def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from elm_train.catlip.clip import contrastive_loss
+
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 
 
 def _features() -> tuple[torch.Tensor, torch.Tensor]:

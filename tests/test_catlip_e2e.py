@@ -23,6 +23,8 @@ from elm_train.catlip.vocab import build_vocab
 from elm_train.config import load_config
 from elm_train.export import export_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:

@@ -19,6 +19,8 @@ from elm_train.catlip.task import CatLIPTask, CLIPTask, catlip_loss
 from elm_train.catlip.vocab import build_vocab
 from elm_train.config import Config, load_config
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 SPEC_YAML = "embed_dim: 96\nnum_layers: 2\nnum_heads: 2\nffn_dim: 192\npatch_size: 8\n"
 
 

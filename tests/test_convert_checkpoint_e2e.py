@@ -15,6 +15,8 @@ from convert import ConvertOptions, convert
 from elm_spec import ElmError
 from elm_train.checkpoint import complete_checkpoints
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_convert_training_checkpoint_matches_export(token_data: Path, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from elm_train.data.distributed import (
 from elm_train.data.format import read_index
 from elm_train.data.prepare import PrepareOptions, prepare_data
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 # Small chunks and shards: many parts per task and shard boundaries inside documents.
 OPTIONS = dict(valid_fraction=0.3, seed=7, chunk_bytes=16 << 10, shard_tokens=3000)
 
@@ -39,7 +41,6 @@ def single_machine(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tasks", [1, 3, 7])
 def test_every_byte_equals_the_single_machine_run(corpus, tokenizer_dir, single_machine,
                                                    tmp_path, tasks):
@@ -50,7 +51,6 @@ def test_every_byte_equals_the_single_machine_run(corpus, tokenizer_dir, single_
     assert len(list((tmp_path / "work" / "logs" / "completions").iterdir())) == tasks
 
 
-@pytest.mark.slow
 def test_a_task_dying_mid_part_is_retried_without_duplicates(corpus, tokenizer_dir,
                                                              single_machine, tmp_path,
                                                              monkeypatch):
@@ -111,7 +111,6 @@ def test_slurm_launch_is_an_array_job_over_the_tasks(corpus, tokenizer_dir, tmp_
     assert executor.world_size == 64
 
 
-@pytest.mark.slow
 def test_cli_datatrove_backend_writes_the_local_backends_bytes(corpus, tokenizer_dir,
                                                                tmp_path):
     common = ["--tokenizer", str(tokenizer_dir), "--valid-fraction", "0.3", "--seed", "7",

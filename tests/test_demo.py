@@ -12,8 +12,9 @@ import pytest
 import torch
 from support.cli import run_elm
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 
-@pytest.mark.slow
+
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -11,6 +11,8 @@ from support.cli import run_elm
 
 from elm_spec.platform import OPENBLAS_PRELOAD_ENV, openblas_preload_path
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 GEMM_LINE = re.compile(r"^  MLX fp32 GEMM 1024\^3: (\d+\.\d) GFLOP/s$", re.MULTILINE)
 
 linux_with_openblas = pytest.mark.skipif(

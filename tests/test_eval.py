@@ -194,6 +194,7 @@ def test_quantized_and_adapter_models_on_mlx(model_dir, task_dir, tmp_path):
         load_eval_model(model_dir, backend="torch", adapter_path=adapter_dir)
 
 
+@pytest.mark.slow
 def test_cli_perplexity_json_and_tasks_output(model_dir, task_dir, tmp_path):
     data = tmp_path / "docs.jsonl"
     texts = [t[:200] for t in stdlib_texts(2)]

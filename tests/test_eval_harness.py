@@ -18,6 +18,8 @@ from elm_eval.perplexity import evaluate_perplexity, read_documents
 from elm_eval.tasks import TASKS, evaluate_tasks, load_tasks, task_loglikelihoods
 from elm_spec import ModelSpec
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 LM_EVAL_YAMLS = {
     "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
     "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml", "sciq": "sciq/sciq.yaml",
@@ -187,7 +189,6 @@ def test_documented_one_line_lm_eval_command_finds_the_elm_model(harness_setup, 
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("add_bos_token", [True, False, None])
 def test_elm_model_scores_as_lm_eval_hf_model_does(add_bos_token, harness_setup):
     """lm-eval's own `hf` model running the same weights (an elm PyTorch model presented as a

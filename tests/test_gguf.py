@@ -16,6 +16,8 @@ from convert.pipeline import ConvertOptions, convert
 from elm_spec import ElmError, ModelSpec
 from elm_spec.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 gguf = pytest.importorskip("gguf")
 
 SPEC = ModelSpec.from_preset("elm-tiny")
@@ -124,7 +126,6 @@ def _elm_greedy(model_dir: Path, ids: list[int], count: int) -> list[int]:
     return tokens[len(ids):]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("outtype", "tolerance"),
                          [("f32", 1e-4), ("f16", 0.05), ("bf16", 0.3), ("q8_0", 0.6)])
 def test_llama_cpp_logits_match_elm(model_dir, gguf_files, outtype, tolerance):
@@ -149,7 +150,6 @@ def test_llama_cpp_logits_match_elm(model_dir, gguf_files, outtype, tolerance):
         llm.close()
 
 
-@pytest.mark.slow
 def test_llama_cpp_tokenizes_as_sentencepiece(model_dir, gguf_files):
     from support.corpora import tokenizer_corpus
 

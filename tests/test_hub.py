@@ -18,6 +18,8 @@ from support.fake_hub import TOKEN, FakeHub, Repo
 from elm_spec import ModelSpec
 from elm_spec.hub import is_repo_id, model_card, split_revision
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json")
 
@@ -73,7 +75,6 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
 def test_convert_from_the_hub_then_offline_from_the_cache(hub, tmp_path):
     home = tmp_path / "hf"
     out = tmp_path / "out"
@@ -103,7 +104,6 @@ def test_convert_from_the_hub_then_offline_from_the_cache(hub, tmp_path):
                     "the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network); download it once online")
 
 
-@pytest.mark.slow
 def test_hub_failures_are_one_line(hub, tmp_path):
     home = tmp_path / "hf"
     out = str(tmp_path / "out")
@@ -127,7 +127,6 @@ def test_hub_failures_are_one_line(hub, tmp_path):
     assert not Path(out).exists()
 
 
-@pytest.mark.slow
 def test_apple_repo_with_a_tokenizer_repo_converts_and_publishes(hub, tmp_path):
     home = tmp_path / "hf"
     out = tmp_path / "mlx"

@@ -24,6 +24,8 @@ from elm_mlx.lora.fuse import fuse
 from elm_mlx.lora.train import finetune, prepare_output
 from elm_spec import ElmError
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 IDS = [[1, 40, 300, 269, 285, 419, 461, 2, 77, 5, 6, 100]]
 
 

@@ -14,6 +14,8 @@ from elm_mlx.lora.config import build_config
 from elm_mlx.lora.train import finetune
 from elm_spec import ElmError, ModelSpec
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 
 def metrics(adapter_path: Path) -> list[dict]:
     return [json.loads(line) for line in (adapter_path / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ import pytest
 from support.cli import REPO, one_line_failure, run_elm
 from support.training import THREAD_ENV
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -35,7 +35,6 @@ def hold_lock(output: Path) -> subprocess.Popen:
     return holder
 
 
-@pytest.mark.slow
 def test_second_writer_is_refused_in_one_line(make_model_dir, tmp_path: Path) -> None:
     source = make_model_dir()
     dst = tmp_path / "out"
@@ -53,7 +52,6 @@ def test_second_writer_is_refused_in_one_line(make_model_dir, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.slow
 def test_second_data_prepare_on_one_output_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
     """Two real `elm data prepare` on one --out: the first, held while it writes (stopped at
     its first result), keeps the output; the second gets one line naming it and its pid."""
@@ -85,7 +83,6 @@ def test_second_data_prepare_on_one_output_is_refused(tokenizer_dir: Path, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "reference"]  # no lock, no temp
 
 
-@pytest.mark.slow
 def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> None:
     checkpoints = run_copy / "checkpoints"
     before = digest(checkpoints)
@@ -98,7 +95,6 @@ def test_second_training_run_on_a_checkpoint_dir_is_refused(run_copy: Path) -> N
     assert digest(checkpoints) == before
 
 
-@pytest.mark.slow
 def test_force_killed_between_renames_is_recovered(make_model_dir, tmp_path: Path) -> None:
     source, other = make_model_dir(seed=0), make_model_dir(seed=1)
     dst = tmp_path / "out"
@@ -115,7 +111,6 @@ def test_force_killed_between_renames_is_recovered(make_model_dir, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging and backup cleaned
 
 
-@pytest.mark.slow
 def test_leftovers_of_dead_runs_are_cleaned(make_model_dir, tmp_path: Path) -> None:
     source = make_model_dir()
     for leftover in (".out.tmp-k1ll3d", ".out.tmp-4242"):
@@ -243,7 +238,6 @@ def process_group_members(group: int) -> list[int]:
     return members
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_data_prepare_workers_exit_when_the_parent_is_killed(tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
@@ -281,7 +275,6 @@ def lora_data(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.mark.slow
 def test_finetune_killed_in_its_first_checkpoint_resumes(make_model_dir, lora_data: Path,
                                                          tmp_path: Path) -> None:
     model, adapters = make_model_dir(), tmp_path / "adapters"
@@ -298,7 +291,6 @@ def test_finetune_killed_in_its_first_checkpoint_resumes(make_model_dir, lora_da
     assert (adapters / "adapters.safetensors").is_file()
 
 
-@pytest.mark.slow
 def test_second_finetune_on_one_adapter_path_is_refused(make_model_dir, lora_data: Path,
                                                         tmp_path: Path) -> None:
     adapters = tmp_path / "adapters"

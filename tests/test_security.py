@@ -14,7 +14,7 @@ from support.training import THREAD_ENV
 
 from elm_spec import ElmError, ModelSpec
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 
 class RunsCode:
@@ -45,7 +45,6 @@ def commands(run: Path) -> dict[str, list[str]]:
             "train": ["train", str(run / "train.yaml"), "train.max_steps=6"]}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "export", "train"])
 def test_code_in_checkpoint_metadata_never_runs(run_copy: Path, command: str) -> None:
     shutil.rmtree(run_copy / "checkpoints" / "step-2")  # nothing to fall back to
@@ -92,7 +91,6 @@ def test_code_in_optimizer_values_never_runs(run_copy: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.slow
 def test_code_in_rank_file_never_runs_and_resume_falls_back(run_copy: Path) -> None:
     step_dir = run_copy / "checkpoints" / "step-4"
     marker = run_copy / "code-ran"
@@ -150,7 +148,6 @@ def write_index(model_dir: Path, names: list[str], shard: str) -> None:
         {"metadata": {}, "weight_map": {name: shard for name in names}}))
 
 
-@pytest.mark.slow
 def test_weight_index_entry_outside_the_model_dir_is_refused_unread(
         make_model_dir, tmp_path: Path, outside_fifo: Path) -> None:
     from elm_spec.modeldir import read_tensor_index
@@ -202,7 +199,6 @@ def test_tokenizer_larger_than_the_embedding_is_refused(make_model_dir, tmp_path
     assert max(tokenizer.get_vocab().values()) < model.spec.vocab_size
 
 
-@pytest.mark.slow
 def test_generate_and_finetune_refuse_an_oversized_tokenizer(make_model_dir, tmp_path: Path) -> None:
     small = make_model_dir(ModelSpec.from_preset("elm-tiny", vocab_size=300))
     generated = run_elm("generate", "--model", str(small), "--prompt", "def", "--max-tokens", "4")

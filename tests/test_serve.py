@@ -15,6 +15,8 @@ from support.lora import write_jsonl
 
 from elm_mlx.lora.data import shipped_chat_template
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -72,7 +74,6 @@ def test_models_and_health(server, client):
     assert status == 200 and body["status"] == "ok"
 
 
-@pytest.mark.slow
 def test_greedy_output_equals_elm_generate(models, client):
     base, tuned = models
     for model, adapter_args in (("base", []), ("tuned", ["--adapter-path", str(tuned)])):
@@ -163,7 +164,6 @@ def test_stop_strings_across_token_boundaries(client):
     assert stopped.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.slow
 def test_eight_concurrent_clients_get_their_own_answers(models, client):
     expected = {p: reference(models[0], p, 12) for p in PROMPTS}
     results: dict[str, str] = {}
@@ -264,7 +264,6 @@ def one_at_a_time(make_model_dir, tmp_path_factory):
         yield url
 
 
-@pytest.mark.slow
 def test_json_object_outputs_parse(one_at_a_time):
     client = openai.OpenAI(base_url=f"{one_at_a_time}/v1", api_key="none", max_retries=0)
 
@@ -303,7 +302,6 @@ def wait_in_flight(url: str, count: int) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow
 def test_a_full_queue_answers_503_with_retry_after(one_at_a_time):
     url = one_at_a_time
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)

@@ -15,6 +15,8 @@ from support.training import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
+
 STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp")
 
 

@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from support.cli import run_elm
 from support.training import (
@@ -18,6 +19,8 @@ from support.training import (
 )
 
 from elm_train.checkpoint import complete_checkpoints
+
+pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 
 
 def wait_for(condition, process, timeout: float = 240.0, interval: float = 0.002) -> None:

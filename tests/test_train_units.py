@@ -158,6 +158,7 @@ def test_gradient_accumulation_matches_the_larger_batch(token_data: Path, tmp_pa
         assert abs(ours - theirs) / theirs <= 1e-5
 
 
+@pytest.mark.slow
 def test_export_and_plot_from_the_command_line(token_data: Path, tmp_path: Path) -> None:
     from support.cli import run_elm
 

@@ -21,7 +21,7 @@ from apps.cli import main
 from elm_spec import ModelSpec
 from elm_spec.writes import write_failure, writing
 
-pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 
@@ -181,7 +181,6 @@ def disk(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", WRITERS)
 def test_disk_full(sources: Path, disk: Path, capsys, command: str) -> None:
     writer = WRITERS[command]
@@ -194,7 +193,6 @@ def test_disk_full(sources: Path, disk: Path, capsys, command: str) -> None:
     assert_kept(before, snapshot(disk), writer)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", WRITERS)
 def test_read_only_disk(sources: Path, disk: Path, capsys, command: str) -> None:
     writer = WRITERS[command]

@@ -142,5 +142,6 @@ def _split_keys(settings: dict[str, Any]) -> dict[str, Any]:
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> FinetuneConfig:
     """Defaults, then the config file, then the flags given on the command line (not None)."""
     settings = read_config_file(config_file) if config_file is not None else {}
-    settings.update({key: value for key, value in flags.items() if value is not None})
-    return build_dataclass(FinetuneConfig, _split_keys(settings)).validate()
+    given = _split_keys({key: value for key, value in flags.items() if value is not None})
+    # Flags arrive typed (typer); validate() names them as flags.
+    return dataclasses.replace(build_dataclass(FinetuneConfig, settings), **given).validate()
