@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs the test suite. On Linux, MLX's CPU wheel is preloaded with OpenBLAS (about 40x faster GEMMs).
+# Runs the test suite; `--fast` runs the tier for working (no subprocess, server or end-to-end
+# tests: `-m "not slow"`). Other arguments go to pytest. On Linux, MLX's CPU wheel is preloaded
+# with OpenBLAS (about 40x faster GEMMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=python
@@ -8,4 +10,8 @@ OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 if [ "$(uname -s)" = "Linux" ] && [ -f "$OPENBLAS" ]; then
   export LD_PRELOAD="$OPENBLAS${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
-exec "$PY" -m pytest "$@"
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--fast" ]; then args+=(-m "not slow"); else args+=("$arg"); fi
+done
+exec "$PY" -m pytest ${args[@]+"${args[@]}"}

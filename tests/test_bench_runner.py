@@ -224,7 +224,7 @@ def test_bench_agrees_with_elm_train_logged_throughput(sweep: SimpleNamespace) -
     assert row["tokens_per_s"] == pytest.approx(logged, rel=0.1), (row["tokens_per_s"], logged)
     # The medians of the per-step throughput, robust to a slow step on a busy machine.
     median = statistics.median(r["tokens_per_s"] for r in measured)
-    assert row["tokens_per_s_median"] == pytest.approx(median, rel=0.05)
+    assert row["tokens_per_s_median"] == pytest.approx(median, rel=0.1)
 
 
 def test_rerun_skips_finished_cells_and_records_a_crash(sweep: SimpleNamespace) -> None:

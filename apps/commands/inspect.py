@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         config = read_config(model)
         quantization = config.get("quantization")
         tensors = check_tensors(model, spec, quantization)
-        console = Console()
+        console = Console(soft_wrap=True)  # piped into a log, lines stay whole
         console.print(f"[bold]{model}[/bold]: {spec.describe()}")
         dtypes = Counter()
         for info in tensors.values():
