@@ -7,10 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from support.cli import REPO, run_elm
+from support.cli import run_elm
 
 from apps import process
 from elm_spec import ModelSpec
@@ -71,29 +70,6 @@ def test_loading_a_model_directory_prints_no_transformers_warning(model_dir):
     assert "model of type" not in done.stderr and done.stderr.strip() == ""
     ids, verbosity_kept = done.stdout.rsplit(" ", 1)
     assert ids.startswith("[1, ") and verbosity_kept.strip() == "True"  # WARNING before and after
-
-
-def console_script(directory: Path) -> Path:
-    """A console script as pip writes it for `elm` (runs with its own folder on sys.path)."""
-    script = directory / "bin" / "elm"
-    script.parent.mkdir(parents=True)
-    script.write_text("import sys\nfrom apps.cli import main\nsys.exit(main())\n")
-    return script
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(openblas_preload_path() is None, reason="no OpenBLAS to restart with")
-def test_restart_keeps_the_path_a_yaml_py_in_the_working_directory_is_not_imported(tmp_path):
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    (workdir / "yaml.py").write_text("raise SystemExit('the stray yaml.py was imported')\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("LD_PRELOAD", None)
-    env.pop("ELM_OPENBLAS", None)
-    done = subprocess.run([sys.executable, str(console_script(tmp_path)), "doctor"], cwd=workdir,
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert "stray yaml.py" not in done.stdout + done.stderr
-    assert "OpenBLAS preloaded: yes" in done.stdout, done.stdout + done.stderr  # it restarted
 
 
 @pytest.mark.parametrize("argv", [["train", "config.yaml"], ["data", "prepare", "x"],

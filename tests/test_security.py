@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.cli import one_line_failure, run_elm
+from support.cli import REPO, one_line_failure, run_elm
 from support.training import THREAD_ENV
 
 from elm_spec import ElmError, ModelSpec
@@ -216,12 +216,12 @@ def test_generate_and_finetune_refuse_an_oversized_tokenizer(make_model_dir, tmp
 # ----- modules in the working directory --------------------------------------------------------
 @pytest.mark.slow
 def test_modules_in_the_working_directory_never_run(tmp_path: Path) -> None:
-    """`elm` run inside an untrusted directory (a cloned repo, say) imports nothing from it, also
-    when it restarts itself to preload OpenBLAS."""
+    """`elm` run inside an untrusted directory (a cloned repo, say) imports nothing from it, for
+    a PyTorch command and for an MLX command that restarts itself to preload OpenBLAS."""
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from elm_spec.platform import openblas_preload_path
 
     untrusted, marker = tmp_path / "project", tmp_path / "code-ran"
     untrusted.mkdir()
@@ -232,8 +232,14 @@ def test_modules_in_the_working_directory_never_run(tmp_path: Path) -> None:
     script.parent.mkdir()
     script.write_text("import sys\nfrom apps.cli import main\nsys.exit(main())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ELM_OPENBLAS")}
-    result = subprocess.run([sys.executable, str(script), "train", "config.yaml"], cwd=untrusted,
-                            env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                            timeout=300)
-    one_line_failure(result, "config.yaml: ")
+
+    def elm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], cwd=untrusted,
+                              env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
+                              text=True, timeout=300)
+
+    one_line_failure(elm("train", "config.yaml"), "config.yaml: ")
+    doctor = elm("doctor")
     assert not marker.exists(), marker.read_text()
+    if openblas_preload_path() is not None:  # the restart happened, in the same directory
+        assert "OpenBLAS preloaded: yes" in doctor.stdout, doctor.stdout + doctor.stderr
