@@ -235,13 +235,18 @@ def _write_model_dir(source: Source, dst: Path, code: str, options: ConvertOptio
             total = sum(t.nbytes for t in planned)
             report.bits_per_weight = 8 * total / spec.num_parameters()
             kind = "MLX" if options.target == "mlx" else "model"
-            quantized = (f", {report.bits_per_weight:.2f} bits per weight" if quant else "")
-            report.say(f"{dst}: {kind} directory, {DTYPE_NAMES[code]}{quantized}, "
+            precision = DTYPE_NAMES[code]
+            if quant:
+                recipe = f" {options.q_recipe}" if options.q_recipe else ""
+                precision = (f"{options.q_bits}-bit{recipe} (group {options.q_group_size}), "
+                             f"{report.bits_per_weight:.2f} bits per weight, scales and "
+                             f"unquantized tensors in {precision}")
+            report.say(f"{dst}: {kind} directory, {precision}, "
                        f"{total / 1e6:,.1f} MB in {len(writer.shards)} file(s)")
             for note in reader_notes(spec, dst):
                 report.say(note)
             if options.verify:
-                _verify_model_dir(source, staging, dst, code, options, report)
+                _verify_model_dir(source, staging, dst, code, options, report, quant)
     except OSError as error:
         raise _write_error(dst, error) from None
 
@@ -271,29 +276,51 @@ def _all_tensors(source: Source) -> dict[str, Tensor]:
 
 
 def _verify_model_dir(source: Source, staging: Path, dst: Path, code: str, options: ConvertOptions,
-                      report: ConvertReport) -> None:
-    from convert.verify import compare, mlx_logits, probe_ids, torch_logits, torch_model
+                      report: ConvertReport, quant: dict[str, QuantSettings]) -> None:
+    from convert.verify import (
+        compare,
+        mlx_logits,
+        probe_ids,
+        quantization_effect,
+        torch_logits,
+        torch_model,
+        weight_errors,
+    )
 
     ids = probe_ids(source.spec, source.tokenizer)
-    quant_bits = options.q_bits if options.quantize else None
     if options.target == "torch" and source.is_model_dir:
         reference = mlx_logits(source.path, ids)
         candidate = torch_logits(torch_model(_all_tensors(open_model_dir(staging, ShapeOptions())),
                                              source.spec), ids)
         names = (f"MLX twin on {source.path}", f"PyTorch twin on {dst}")
+        result = compare(reference, candidate, *names, code)
+    elif options.quantize:
+        candidate = mlx_logits(staging, ids)
+        effect = quantization_effect(
+            torch_logits(torch_model(_all_tensors(source), source.spec), ids), candidate,
+            f"source (PyTorch twin on {source.path}, float32)")
+        output = open_model_dir(staging, ShapeOptions())
+        written = torch_logits(torch_model(_all_tensors(output), source.spec), ids)
+        result = dataclasses.replace(
+            compare(written, candidate, f"PyTorch twin on {dst}'s dequantized weights",
+                    f"MLX twin on {dst}", "F32", effect),
+            weights=weight_errors(source, output, quant, code))
     else:
         reference = torch_logits(torch_model(_all_tensors(source), source.spec), ids)
         candidate = mlx_logits(staging, ids)
         names = (f"PyTorch twin on {source.path} (float32)", f"MLX twin on {dst}")
-    _finish_verify(compare(reference, candidate, *names, code, quant_bits), report)
-
-
+        result = compare(reference, candidate, *names, code)
+    _finish_verify(result, report)
 
 
 def _finish_verify(result: Any, report: ConvertReport) -> None:
     report.verify = result
     for line in result.lines():
         report.say(line)
+    if not result.weights_ok:
+        share, name = result.weights
+        raise ElmError(f"verify failed: {name} differs from the source's by {share:.3g} times "
+                       f"what rounding allows; {report.destination} was not written")
     if not result.ok:
         raise ElmError(f"verify failed: the converted model's logits differ by {result.max_abs:.3g}, "
                        f"beyond the tolerance; {report.destination} was not written")
@@ -341,4 +368,4 @@ def _verify_corenet(source: Source, written_file: Path, code: str, report: Conve
         reference = torch_logits(torch_model(_all_tensors(source), source.spec), ids)
         name = f"PyTorch twin on {source.path}"
     _finish_verify(compare(reference, candidate, name, f"PyTorch twin on {report.destination}",
-                           code, None), report)
+                           code), report)

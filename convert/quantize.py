@@ -110,4 +110,7 @@ def dequantize(weight: Any, scales: Any, biases: Any, module: str,
     import mlx.core as mx
 
     settings = settings_for(module, quantization)
-    return mx.dequantize(weight, scales, biases, group_size=settings.group_size, bits=settings.bits)
+    # In float32, as MLX's quantized kernels apply scales and biases: one rounding at most, by
+    # the caller's cast, instead of arithmetic in the scales' bfloat16.
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         group_size=settings.group_size, bits=settings.bits)

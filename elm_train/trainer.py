@@ -444,6 +444,7 @@ class ThroughputWatch:
         from elm_spec.platform import load_summary
 
         busy = f" ({load_summary()})" if load_summary() else ""
-        return (f"throughput fell to {rate:,.0f}/s from {self.best:,.0f}/s{busy}; other jobs may "
-                f"be using the cores: fewer torch threads help (train.threads=1, elm demo "
-                f"--threads 1)")
+        advice = (f"; fewer torch threads than {torch.get_num_threads()} help (train.threads=1, "
+                  "elm demo --threads 1)" if torch.get_num_threads() > 1 else "")
+        return (f"throughput fell to {rate:,.0f}/s from {self.best:,.0f}/s{busy}: other jobs "
+                f"may be using the cores{advice}")

@@ -117,6 +117,58 @@ def test_quantized_dirs_load_in_elm_and_mlx_lm(flags: dict, expected_bits: set[i
                    for layer in theirs.layers)
 
 
+def test_4bit_verify_of_a_random_init_model_passes_and_reports_what_quantization_costs(
+        tmp_path: Path, make_model_dir) -> None:
+    """The criterion is the output's faithfulness (its logits against its own dequantized weights,
+    each weight against the source's within the rounding bound), which holds for random-init and
+    trained models alike; the distance from the source is reported beside it, and kept."""
+    from convert.verify import PROBE_TEXT, PROBE_TOKENS
+    from elm_spec.tokenizer import Tokenizer
+
+    source = make_model_dir(ModelSpec.from_preset("elm-small").replace(vocab_size=512), seed=5)
+    said: list[str] = []
+    report = convert(source, tmp_path / "q", options(quantize=True, q_bits=4, verify=True),
+                     say=said.append)
+    assert report.verify.ok and report.verify.weights[0] <= 1.0
+    assert (tmp_path / "q" / "config.json").is_file()
+    assert said[1].startswith(f"{tmp_path / 'q'}: MLX directory, 4-bit (group 64), ")
+    assert "float32, " not in said[1].split("bits per weight")[0]
+
+    # The reported distance from the source, computed here from both twins directly.
+    ids = Tokenizer(source / "tokenizer.model").encode(PROBE_TEXT, bos=True)[:PROBE_TOKENS]
+    reference = load_model_logits(source, ids)
+    candidate = mlx_twin_logits(tmp_path / "q", ids)
+    relative = np.sqrt(np.mean((reference - candidate) ** 2)) / reference.std()
+    effect = report.verify.effect
+    assert effect.relative == pytest.approx(relative, rel=1e-3)
+    assert effect.agreement == int((reference.argmax(-1) == candidate.argmax(-1)).sum())
+    warned = any(line.startswith("warning: the quantized model picks another") for line in said)
+    assert warned == (2 * effect.agreement < effect.positions)
+
+
+def test_verify_catches_weights_written_wrong(tmp_path: Path, make_model_dir, monkeypatch) -> None:
+    """Scales and biases swapped on write: both twins read the same file and agree with each other,
+    so only the weight check against the source can see it; nothing is written."""
+    import convert.pipeline as pipeline
+    from elm_spec import ElmError
+
+    real = pipeline.quantize
+    monkeypatch.setattr(pipeline, "quantize", lambda w, settings: (lambda q, s, b: (q, b, s))(
+        *real(w, settings)))
+    source = make_model_dir(ModelSpec.from_preset("elm-tiny"), seed=5)
+    with pytest.raises(ElmError, match=r"verify failed: transformer\..* differs from the source's"):
+        convert(source, tmp_path / "q", options(quantize=True, q_bits=4, q_group_size=32,
+                                                 verify=True))
+    assert not (tmp_path / "q").exists()
+
+
+def load_model_logits(directory: Path, ids: list[int]) -> np.ndarray:
+    from elm_train import load_model
+
+    with torch.no_grad():
+        return load_model(directory)(torch.tensor([ids])).float().numpy()[0]
+
+
 def mx_nn():
     import mlx.nn as nn
 

@@ -162,3 +162,14 @@ def test_apple_repo_with_a_tokenizer_repo_converts_and_publishes(hub, tmp_path):
                                               "with `hf auth login` or set HF_TOKEN")
     assert "Traceback" not in result.stderr
     assert (tmp_path / "again" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_init_takes_a_tokenizer_from_the_hub(hub, tmp_path):
+    hub.repos["elm-test/llama-tokenizer"] = Repo(files={
+        "tokenizer.model": (hub.source / "tokenizer.model").read_bytes()})
+    result = run_elm("init", str(tmp_path / "model"), "--preset", "elm-tiny", "--tokenizer",
+                     "elm-test/llama-tokenizer", env=hub_env(hub, tmp_path / "home"))
+    assert result.returncode == 0, result.stderr
+    assert ((tmp_path / "model/tokenizer.model").read_bytes()
+            == (hub.source / "tokenizer.model").read_bytes())

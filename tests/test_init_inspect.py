@@ -35,6 +35,34 @@ def test_init_writes_a_loadable_model_directory(tmp_path: Path, tokenizer_dir: P
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
+def test_init_says_what_a_tokenizer_changes_or_that_there_is_none(tmp_path: Path,
+                                                                  tokenizer_dir: Path) -> None:
+    small = ModelSpec.from_preset("elm-small")  # vocab 2048; the tokenizer has 512 pieces
+    sized = small.replace(vocab_size=512)
+    shrunk = run_elm("init", str(tmp_path / "a"), "--preset", "elm-small", "--tokenizer",
+                     str(tokenizer_dir / "tokenizer.model"))
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert ModelSpec.from_config(json.loads((tmp_path / "a/config.json").read_text())) == sized
+    assert (f"the embedding shrinks to 512 rows ({small.num_parameters() / 1e6:,.1f}M -> "
+            f"{sized.num_parameters() / 1e6:,.1f}M parameters") in shrunk.stdout
+    assert "pass --vocab-size 2048" in shrunk.stdout
+
+    kept = run_elm("init", str(tmp_path / "b"), "--preset", "elm-small", "--vocab-size", "2048",
+                   "--tokenizer", str(tokenizer_dir))
+    assert kept.returncode == 0 and "shrinks" not in kept.stdout
+    assert (tmp_path / "b/tokenizer.model").is_file()
+
+    bare = run_elm("init", str(tmp_path / "c"), "--preset", "elm-tiny")
+    assert bare.returncode == 0 and not (tmp_path / "c/tokenizer.model").exists()
+    assert f"note: {tmp_path / 'c'} has no tokenizer" in bare.stdout and "--tokenizer" in bare.stdout
+
+    missing = run_elm("init", str(tmp_path / "d"), "--preset", "elm-tiny", "--tokenizer",
+                      str(tmp_path))
+    assert missing.returncode == 1 and not (tmp_path / "d").exists()
+    assert missing.stderr.strip() == f"error: --tokenizer {tmp_path}: no tokenizer.model in that directory"
+
+
 def test_init_follows_corenet_initialisation() -> None:
     """docs/reference.md section 1, worked out by hand for elm-small (d 256, 6 layers): every
     linear weight N(0, 256^-0.5 = 0.0625) but out_proj and proj_2, N(0, 256^-0.5 * 12^-0.5 =

@@ -210,7 +210,17 @@ def test_threads_default_to_the_cores_the_load_average_leaves_idle(monkeypatch) 
 def test_a_throughput_collapse_is_reported_once_until_it_recovers() -> None:
     from elm_train.trainer import ThroughputWatch
 
-    watch = ThroughputWatch()
-    said = [watch.check(rate) for rate in (300, 690, 500, 240, 64, 70, 600, 100, None)]
-    assert [bool(s) for s in said] == [False, False, False, False, True, False, False, True, False]
-    assert said[4].startswith("throughput fell to 64/s from 690/s") and "train.threads=1" in said[4]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        watch = ThroughputWatch()
+        said = [watch.check(rate) for rate in (300, 690, 500, 240, 64, 70, 600, 100, None)]
+        assert [bool(s) for s in said] == [False, False, False, False, True, False, False, True,
+                                           False]
+        assert said[4].startswith("throughput fell to 64/s from 690/s")
+        assert "fewer torch threads than 2 help (train.threads=1" in said[4]
+        torch.set_num_threads(1)  # nothing to lower
+        one = ThroughputWatch()
+        assert one.check(900) is None and "threads" not in one.check(90)
+    finally:
+        torch.set_num_threads(threads)
