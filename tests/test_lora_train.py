@@ -227,3 +227,37 @@ def test_gradient_checkpointing_gives_the_same_adapters(base_dir, tmp_path):
     for key, value in plain.items():
         np.testing.assert_allclose(np.array(checkpointed[key]), np.array(value), atol=1e-6,
                                    err_msg=key)
+
+
+def test_sequence_length_follows_the_model_and_small_data_sets_train_unpacked(base_dir, tmp_path):
+    """32 short rows fill one packed row of the model's 256-token context, fewer than
+    --batch-size 2: the run trains them unpacked, as mlx-lm would, instead of refusing."""
+    import io
+
+    from rich.console import Console
+
+    from elm_mlx.lora.data import Encoder, load_data_dir, packed_rows
+
+    context = ModelSpec.from_preset("elm-tiny").max_context_length
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "the model"}] * 32)
+    config = build_config(None, dict(model=str(base_dir), data=str(tmp_path / "data"),
+                                     adapter_path=str(tmp_path / "a"), iters=4, batch_size=2))
+    import elm_mlx
+
+    _, tokenizer = elm_mlx.load(base_dir)
+    examples = load_data_dir(config.data, Encoder(tokenizer, None), context)["train"].examples
+    assert len(packed_rows(examples, context, config.seed)) < 2  # what packing alone would give
+
+    out = io.StringIO()
+    finetune(config, Console(file=out, width=200))
+    assert "training unpacked, one example per row" in out.getvalue()
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["max_seq_length"] == context
+    assert (tmp_path / "a" / "adapters.safetensors").is_file() and len(metrics(tmp_path / "a")) >= 1
+
+    out = io.StringIO()
+    finetune(build_config(None, dict(model=str(base_dir), data=str(tmp_path / "data"),
+                                     adapter_path=str(tmp_path / "b"), iters=2, batch_size=2,
+                                     max_seq_length=2048)), Console(file=out, width=200))
+    assert (f"warning: --max-seq-length 2048 is beyond the model's context of {context} tokens"
+            in out.getvalue())

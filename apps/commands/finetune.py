@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         val_batches: int = typer.Option(None, "--val-batches", help="Validation batches, -1 for all (default 25)."),
         test: bool = typer.Option(None, "--test", help="Report test loss and perplexity at the end."),
         test_batches: int = typer.Option(None, "--test-batches", help="Test batches, -1 for all (default 500)."),
-        max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest row in tokens (default 2048)."),
+        max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest row in tokens "
+                                            "(default: the model's context, max_context_length)."),
         grad_checkpoint: bool = typer.Option(None, "--grad-checkpoint", help="Recompute activations to save memory."),
         grad_accumulation_steps: int = typer.Option(None, "--grad-accumulation-steps",
                                                     help="Batches per optimizer update (default 1)."),

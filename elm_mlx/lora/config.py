@@ -42,7 +42,7 @@ class FinetuneConfig:
     val_batches: int = 25
     test: bool = False
     test_batches: int = 500
-    max_seq_length: int = 2048
+    max_seq_length: int | None = None  # None: the model's context (max_context_length)
     grad_checkpoint: bool = False
     grad_accumulation_steps: int = 1
     clear_cache_threshold: int = 0  # bytes of MLX buffer cache kept between steps
@@ -72,7 +72,7 @@ class FinetuneConfig:
             raise ElmError(f"--lr-schedule {self.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
         for name in ("rank", "iters", "batch_size", "steps_per_report", "steps_per_eval",
                      "save_every", "max_seq_length", "grad_accumulation_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ElmError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("learning_rate", "weight_decay", "dropout", "scale", "alpha"):
             value = getattr(self, name)
@@ -88,7 +88,7 @@ class FinetuneConfig:
                                f"got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ElmError("--dropout must be in [0, 1)")
-        if self.max_seq_length < 2:
+        if self.max_seq_length is not None and self.max_seq_length < 2:
             raise ElmError("--max-seq-length must be at least 2")
         if self.save_every % self.grad_accumulation_steps:
             raise ElmError("--save-every must be a multiple of --grad-accumulation-steps "

@@ -8,6 +8,7 @@ step, schedule or data position, and has no attention mask for packed rows; its 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from functools import partial
@@ -45,6 +46,7 @@ from elm_mlx.lora.data import (
     Encoder,
     batch_stream,
     load_data_dir,
+    packed_rows,
     resolve_chat_template,
 )
 from elm_mlx.lora.report import Reporter
@@ -198,6 +200,19 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
         return _finetune(config, console or Console(), adapter_path)
 
 
+def sequence_length(requested: int | None, context: int, console: Console) -> int:
+    """--max-seq-length: the model's context unless given; beyond it, a warning (positions the
+    model never trained on, and memory that grows with the square of the length)."""
+    if requested is None:
+        return context
+    if requested > context:
+        console.print(f"warning: --max-seq-length {requested} is beyond the model's context of "
+                      f"{context} tokens (max_context_length in its config.json): rows that long "
+                      "use positions it never trained on, and attention memory grows with the "
+                      "square of the length")
+    return requested
+
+
 def check_finite_loss(step: int, loss: float) -> None:
     """Stop before a NaN or infinite loss reaches the adapters (as `elm train` does)."""
     if not math.isfinite(loss):
@@ -210,6 +225,8 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
     resume_from = prepare_output(adapter_path, config.resume)
 
     model, tokenizer = load(config.model)
+    config = dataclasses.replace(config, max_seq_length=sequence_length(
+        config.max_seq_length, model.spec.max_context_length, console))
     template = resolve_chat_template(config.chat_template, getattr(tokenizer, "chat_template", None))
     encoder = Encoder(tokenizer, template, config.mask_prompt)
     splits = load_data_dir(config.data, encoder, config.max_seq_length)
@@ -218,6 +235,13 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
     for split in splits.values():
         console.print(split.summary())
     pack = config.pack if config.pack is not None else splits["train"].format == "text"
+    if pack:
+        rows = len(packed_rows(splits["train"].examples, config.max_seq_length, config.seed))
+        if rows < config.batch_size <= len(splits["train"].examples):
+            console.print(f"note: packed into rows of {config.max_seq_length} tokens, the training "
+                          f"data fills {rows}, fewer than --batch-size {config.batch_size}: "
+                          "training unpacked, one example per row")
+            pack = False
     streams = {name: batch_stream(split, config.batch_size, config.max_seq_length, pack,
                                   config.seed, training=name == "train")
                for name, split in splits.items()}
