@@ -139,6 +139,39 @@ def test_destination_overlapping_the_source_is_refused(make_model_dir, tmp_path:
     assert digest(model) == before
 
 
+def test_fuse_and_data_prepare_refuse_outputs_that_would_replace_their_inputs(
+        make_model_dir, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """--force would delete the model, the adapters, a corpus file or the tokenizer: refused
+    before any work, nothing touched."""
+    from elm_mlx.lora.fuse import fuse
+    from elm_spec import ElmError
+    from elm_train.data.distributed import prepare_data_distributed
+    from elm_train.data.prepare import prepare_data
+
+    model, adapters = tmp_path / "model", tmp_path / "adapters"
+    shutil.copytree(make_model_dir(), model)
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    corpus, tokenizer = tmp_path / "corpus", tmp_path / "tokenizer"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("def f():\n    return 1\n")
+    shutil.copytree(tokenizer_dir, tokenizer)
+    before = {d: digest(d) for d in (model, adapters, corpus, tokenizer)}
+
+    for destination in (model, model / "fused", adapters, tmp_path):
+        with pytest.raises(ElmError, match="write the output elsewhere"):
+            fuse(model, adapters, destination, force=True)
+    for destination in (corpus, tokenizer, tmp_path):
+        with pytest.raises(ElmError, match="write the output elsewhere"):
+            prepare_data([corpus / "a.txt"], tokenizer, destination, force=True,
+                         show_progress=False)
+        with pytest.raises(ElmError, match="write the output elsewhere"):
+            prepare_data_distributed([corpus], tokenizer, destination, tmp_path / "work", tasks=1,
+                                     force=True, show_progress=False)
+    assert {d: digest(d) for d in before} == before
+    assert not (tmp_path / "work").exists()  # refused before the work directory was claimed
+
+
 def test_resume_false_refuses_an_earlier_runs_checkpoints(run_copy: Path) -> None:
     from support.training import train_in_process
 

@@ -15,6 +15,7 @@ from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
 from elm_spec.hub import resolve
 from elm_spec.modeldir import read_config
+from elm_spec.outputs import refuse_overlap
 from elm_spec.tokenizer import require_tokenizer
 
 
@@ -39,6 +40,8 @@ def fuse(model_dir: str | os.PathLike[str], adapter_path: str | os.PathLike[str]
     """Write the fused model: an MLX model directory, or with EXPORT the interchange format
     (unquantized, DTYPE float32 by default) that elm_train.load_model reads."""
     source, adapter_path = resolve(model_dir), resolve(adapter_path)
+    refuse_overlap(source, save_path)
+    refuse_overlap(adapter_path, save_path)
     require_tokenizer(source)
     config = read_config(source)
     model = fused_model(source, adapter_path, dequantize=dequantize or export)

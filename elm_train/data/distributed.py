@@ -31,7 +31,13 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.tokenizer import Tokenizer
-from elm_train.data.prepare import ChunkResult, ChunkTokenizer, PrepareOptions, write_prepared
+from elm_train.data.prepare import (
+    ChunkResult,
+    ChunkTokenizer,
+    PrepareOptions,
+    refuse_replacing_inputs,
+    write_prepared,
+)
 from elm_train.data.sources import expand_sources, plan_chunks
 
 RUN_FILE = "run.json"
@@ -231,8 +237,9 @@ def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]],
     tok = Tokenizer(tokenizer)
     sources = [str(s) for s in sources]
     work = Path(work_dir)
-    _claim_work_dir(work, run_description(sources, tok, options, tasks))
     files = expand_sources(sources, options.source_format)
+    refuse_replacing_inputs(files, tok, output)
+    _claim_work_dir(work, run_description(sources, tok, options, tasks))
     with TaskProgress(work, sum(f.path.stat().st_size for f in files), show_progress) as progress:
         tokenize_executor(sources, tok, work, options, tasks, options.workers).run()
     if show_progress:

@@ -33,7 +33,7 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir
-from elm_spec.outputs import crash_point
+from elm_spec.outputs import crash_point, refuse_overlap
 from elm_spec.platform import usable_cores as default_workers
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
@@ -289,9 +289,19 @@ def prepare_data(sources: Sequence[str | os.PathLike[str]], tokenizer: str | os.
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
     files = expand_sources(sources, options.source_format)
+    refuse_replacing_inputs(files, tok, output)
     chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
     return write_prepared(tokenize_in_order(chunks, tok.path, options), tok, files, output,
                           options, force=force, show_progress=show_progress)
+
+
+def refuse_replacing_inputs(files: Sequence[SourceFile], tok: Tokenizer,
+                            output: str | os.PathLike[str]) -> None:
+    """Refuse an OUTPUT that holds a corpus file or the tokenizer (`--force` would delete
+    them), before any work is done."""
+    by_directory = {f.path.parent: f.path for f in files}  # one file per directory suffices
+    for file in [*by_directory.values(), tok.path]:
+        refuse_overlap(file, output)
 
 
 def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequence[SourceFile],
