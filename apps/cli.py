@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from importlib import metadata
 from typing import NoReturn
 
 import typer
@@ -26,8 +27,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        try:
+            print(f"elm {metadata.version('elm')}")
+        except metadata.PackageNotFoundError:
+            print("elm (not installed: run from a source tree; scripts/setup.sh installs it)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print elm's version and exit.")) -> None:
     """Train OpenELM-style models in PyTorch, run and fine-tune them in MLX."""
 
 

@@ -46,3 +46,13 @@ def test_doctor_without_the_preload_names_the_fix() -> None:
     assert float(GEMM_LINE.search(out).group(1)) > 0
     assert "  OpenBLAS preloaded: no\n" in out
     assert f"fix: unset {OPENBLAS_PRELOAD_ENV}=0" in out
+
+
+def test_version_is_the_projects() -> None:
+    import tomllib
+    from support.cli import REPO
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    result = run_elm("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"elm {declared}"
