@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +21,42 @@ import torch
 from elm_spec.jsonl import read_jsonl_objects, read_jsonl_records
 from elm_spec.writes import write_text_atomic
 
-# Dense bf16 tensor-core peaks in FLOP/s (docs/reference.md section 6).
-GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+# Dense (no sparsity) tensor-core peaks per GPU in FLOP/s: bf16 and fp8 (docs/reference.md
+# section 6). The first pattern that matches torch.cuda.get_device_name(), upper-cased, wins, so
+# a PCIe or NVL card is told from the SXM part before the plain name matches; GH200, GB200, H800
+# and L40 match none (a GPU not listed gets no peak, never another GPU's).
+@dataclass(frozen=True)
+class GpuPeak:
+    gpu: str
+    pattern: str
+    bf16: float
+    fp8: float | None
+
+
+GPU_PEAKS = (
+    GpuPeak("A100", r"\bA100\b", 312e12, None),
+    GpuPeak("H100 NVL", r"\bH100\b.*\bNVL\b", 835e12, 1671e12),
+    GpuPeak("H100 PCIe", r"\bH100\b.*\bPCIE\b", 756e12, 1513e12),
+    GpuPeak("H100 SXM", r"\bH100\b", 989e12, 1979e12),
+    GpuPeak("H200 NVL", r"\bH200\b.*\bNVL\b", 835e12, 1671e12),
+    GpuPeak("H200", r"\bH200\b", 989e12, 1979e12),
+    GpuPeak("L40S", r"\bL40S\b", 362e12, 733e12),
+    GpuPeak("B200", r"\bB200\b", 2.25e15, 4.5e15),
+)
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def gpu_peak_flops(device_name: str) -> float | None:
-    for model, peak in GPU_PEAK_FLOPS.items():
-        if model in device_name.upper():
-            return peak
-    return None
+def gpu_peak(device_name: str) -> GpuPeak | None:
+    """The table row of a CUDA device name, or None for a GPU the table does not list."""
+    name = device_name.upper()
+    return next((row for row in GPU_PEAKS if re.search(row.pattern, name)), None)
+
+
+def gpu_peak_flops(device_name: str, precision: str = "bf16") -> float | None:
+    row = gpu_peak(device_name)
+    return getattr(row, precision) if row is not None else None
 
 
 def measure_gemm_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
@@ -50,13 +77,22 @@ def measure_gemm_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
-    """Per-device peak for MFU: configured, else the GPU table, else measured on a CPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0,
+               precision: str = "bf16", warn: bool = False) -> float | None:
+    """Per-device peak for MFU: CONFIGURED (log.peak_flops, --peak-flops), else the GPU table's
+    PRECISION column, else measured on a CPU. None (MFU unknown) for a GPU the table lacks; WARN
+    then says so in one line."""
     if configured:
         return configured
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device))
-    return measure_gemm_flops(device, dtype)
+    if device.type != "cuda":
+        return measure_gemm_flops(device, dtype)
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak_flops(name, precision)
+    if peak is None and warn:
+        print(f"warning: MFU unknown: no {precision} peak for {name!r} in elm's table "
+              "(docs/reference.md section 6); pass --peak-flops (log.peak_flops) with its dense "
+              "peak FLOP/s", file=sys.stderr, flush=True)
+    return peak
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -173,7 +173,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         log = MetricsLog(run_dir, ctx.is_main, config.log.tensorboard, resume_step=start_step)
         if ctx.is_main:
             (run_dir / "train_config.yaml").write_text(config_text)
-    peak = peak_flops(ctx.device, dtype, config.log.peak_flops)
+    peak = peak_flops(ctx.device, dtype, config.log.peak_flops, warn=ctx.is_main)
     flops_per_item = task.flops_per_item()
     token_task = task.item_name == "tokens"
 

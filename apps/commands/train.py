@@ -16,6 +16,9 @@ def register(app: typer.Typer) -> None:
         recipe: str = typer.Option(None, "--recipe",
                                    help="Start from a recipe: openelm-270m, openelm-450m, "
                                         "openelm-1.1b, openelm-3b."),
+        peak_flops: float = typer.Option(None, "--peak-flops", min=0.0,
+                                         help="Dense peak FLOP/s per device for MFU (log.peak_flops), "
+                                              "for a GPU elm's table lacks or to override it."),
         print_config: bool = typer.Option(False, "--print-config",
                                           help="Print the resolved config and exit."),
     ) -> None:
@@ -29,6 +32,8 @@ def register(app: typer.Typer) -> None:
             path = None
         if recipe is not None:
             extra.insert(0, f"recipe={recipe}")
+        if peak_flops is not None:
+            extra.append(f"log.peak_flops={peak_flops!r}")
         resolved = load_config(path, extra)
         if print_config:
             typer.echo(dump_config(resolved), nl=False)
