@@ -69,6 +69,8 @@ class TrainSection:
     seq_len: int = 2048
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
+    # The global batch in tokens; > 0 derives grad_accum_steps from it (elm_train/batch_plan.py).
+    global_batch_tokens: int = 0
     max_steps: int = 1000
     seed: int = 0
     dtype: str = "bfloat16"
@@ -137,18 +139,24 @@ POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps",
             "log.every", "checkpoint.keep", "train.eval_batches")
 NON_NEGATIVE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.warmup_init_lr",
                 "optim.weight_decay", "optim.eps", "optim.grad_clip", "optim.z_loss",
-                "checkpoint.every", "train.eval_every", "train.threads", "log.peak_flops")
+                "checkpoint.every", "train.eval_every", "train.threads", "log.peak_flops",
+                "train.global_batch_tokens")
 
 
 # ----- recipes (docs/reference.md section 3: CoreNet's OpenELM configs) --------------------------
+# 16 sequences per GPU on 128 GPUs of 2048 tokens.
+CORENET_GLOBAL_BATCH_TOKENS = 16 * 128 * 2048
+
+
 def _openelm_recipe(preset: str, lr: float, checkpointing: bool, strategy: str) -> dict[str, Any]:
     return {
         "model": {"preset": preset},
         "optim": {"lr": lr, "min_lr_ratio": 0.1, "warmup_steps": 5000, "warmup_init_lr": 1e-6,
                   "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
                   "z_loss": 1e-4},
-        "train": {"seq_len": 2048, "max_steps": 350_000, "dtype": "bfloat16",
-                  "activation_checkpointing": checkpointing},
+        "train": {"seq_len": 2048, "micro_batch_size": 16,
+                  "global_batch_tokens": CORENET_GLOBAL_BATCH_TOKENS, "max_steps": 350_000,
+                  "dtype": "bfloat16", "activation_checkpointing": checkpointing},
         "parallel": {"strategy": strategy},
     }
 
@@ -227,6 +235,10 @@ def _check_values(config: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ElmError(f"{key}: must not be negative, got {_get(config, key)}")
+    if config.train.global_batch_tokens and config.train.grad_accum_steps != 1:
+        raise ElmError("train.grad_accum_steps: derived from train.global_batch_tokens "
+                       f"({config.train.global_batch_tokens}); set one of them "
+                       "(train.global_batch_tokens=0 to give the accumulation yourself)")
     betas = config.optim.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ElmError(f"optim.betas: expected two numbers in [0, 1), got {betas}")

@@ -8,6 +8,7 @@ checkpointing and stopping cleanly on SIGTERM/SIGUSR1 (preemption).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -24,8 +25,9 @@ from elm_spec.errors import first_line
 from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.writes import writing
 from elm_train import parallel
+from elm_train.batch_plan import plan_batch
 from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
-from elm_train.config import Config, OptimConfig, check_resumable, dump_config
+from elm_train.config import Config, OptimConfig, TrainSection, check_resumable, dump_config
 from elm_train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from elm_train.modeldir import torch_dtype
 from elm_train.tasks import task_class
@@ -131,6 +133,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     task = task_class(config.task)(config)
+    tc = _apply_batch_plan(tc, task, ctx)
     dtype = torch_dtype(tc.dtype)
     strategy = config.parallel.strategy
 
@@ -263,6 +266,22 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                "peak_memory_bytes": peak_memory_bytes(ctx.device)})
     log.close()
     return TrainResult(step, last_loss, valid_loss, run_dir, last_saved, stopped)
+
+
+def _apply_batch_plan(tc: TrainSection, task: Task, ctx: parallel.DistContext) -> TrainSection:
+    """TC with the accumulation of the batch plan, which rank 0 prints (a missed target warns)."""
+    if task.item_name != "tokens":
+        if tc.global_batch_tokens:
+            raise ElmError(f"train.global_batch_tokens: task {task.config.task} counts "
+                           f"{task.item_name}, not tokens; give train.grad_accum_steps")
+        return tc
+    plan = plan_batch(ctx.world_size, tc.micro_batch_size, tc.seq_len, tc.grad_accum_steps,
+                      tc.global_batch_tokens)
+    if ctx.is_main:
+        print(plan.line(), flush=True)
+        if plan.warning():
+            print(f"warning: {plan.warning()}", file=sys.stderr, flush=True)
+    return dataclasses.replace(tc, grad_accum_steps=plan.accumulation)
 
 
 def _require_directory(path: Path, key: str) -> None:

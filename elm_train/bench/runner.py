@@ -37,6 +37,7 @@ from elm_spec.jsonl import read_jsonl_objects, read_jsonl_records
 from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.settings import set_dotted
 from elm_spec.spec_file import is_spec_file
+from elm_train.batch_plan import plan_batch
 from elm_train.bench import cost
 from elm_train.bench.grid import Cell, Grid
 
@@ -136,8 +137,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 # ----- the engine's configuration -------------------------------------------------------------
 
 def tokens_per_step(cell: Cell) -> int:
-    accumulation = int(dict(cell.settings.train).get("train.grad_accum_steps", 1))
-    return cell.batch_size * cell.world_size * cell.seq_len * accumulation
+    settings = dict(cell.settings.train)
+    return plan_batch(cell.world_size, cell.batch_size, cell.seq_len,
+                      int(settings.get("train.grad_accum_steps", 1)),
+                      int(settings.get("train.global_batch_tokens", 0))).tokens_per_step
 
 
 def train_config(cell: Cell, run_dir: Path, max_steps: int, data_path: str | None = None
