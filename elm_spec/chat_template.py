@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from elm_spec.errors import ElmError
@@ -18,6 +19,22 @@ from elm_spec.modeldir import read_json
 NO_TEMPLATE = "none"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SHIPPED_TEMPLATE = "openelm_instruct.jinja"
+
+
+def shipped_chat_template() -> str:
+    """The OpenELM-instruct chat format: `<|user|>\\n...</s><|assistant|>\\n...</s>`."""
+    return resources.files("elm_spec.templates").joinpath(SHIPPED_TEMPLATE).read_text().rstrip("\n")
+
+
+def resolve_chat_template(option: str | None, tokenizer_template: str | None) -> str | None:
+    """The template fine-tuning data is rendered with: `--chat-template FILE`, else the
+    tokenizer's, else the shipped one; `--chat-template none` disables the shipped fallback."""
+    if option == NO_TEMPLATE:
+        return tokenizer_template
+    if option is not None:
+        return read_template_file(option)
+    return tokenizer_template if tokenizer_template else shipped_chat_template()
 
 
 def read_template_file(option: str) -> str:

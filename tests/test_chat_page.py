@@ -50,9 +50,9 @@ def models(make_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A random base model with room for long answers, and "helper": the base fully fine-tuned
     to give the ANSWERS."""
     from elm_mlx.lora.config import build_config
-    from elm_mlx.lora.data import shipped_chat_template
     from elm_mlx.lora.train import finetune
     from elm_spec import ModelSpec
+    from elm_spec.chat_template import shipped_chat_template
 
     root = tmp_path_factory.mktemp("page")
     spec = dataclasses.replace(ModelSpec.from_preset("elm-tiny"), max_context_length=1024)

@@ -18,11 +18,10 @@ from elm_mlx.lora.data import (
     load_split,
     make_batch,
     packed_rows,
-    resolve_chat_template,
-    shipped_chat_template,
     single_rows,
 )
 from elm_spec import ElmError
+from elm_spec.chat_template import resolve_chat_template, shipped_chat_template
 
 
 @pytest.fixture(scope="module")

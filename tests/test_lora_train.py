@@ -116,8 +116,9 @@ def test_dora_and_qlora_train_save_and_load(base_dir, tmp_path, kind):
     from mlx.utils import tree_flatten
 
     import elm_mlx
-    from elm_mlx.lora.data import Encoder, batch_stream, load_split, resolve_chat_template
+    from elm_mlx.lora.data import Encoder, batch_stream, load_split
     from elm_mlx.lora.train import evaluate
+    from elm_spec.chat_template import resolve_chat_template
 
     model_dir = base_dir
     if kind == "qlora":
@@ -150,8 +151,8 @@ def test_dora_and_qlora_train_save_and_load(base_dir, tmp_path, kind):
 def test_fused_model_carries_the_training_chat_template(base_dir, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
-    from elm_mlx.lora.data import shipped_chat_template
     from elm_mlx.lora.fuse import fuse
+    from elm_spec.chat_template import shipped_chat_template
 
     train, _ = case_rows()
     write_jsonl(tmp_path / "data" / "train.jsonl", train[:8])

@@ -13,7 +13,7 @@ from support.chat import random_adapters, running_server, with_template
 from support.cli import run_elm
 from support.lora import write_jsonl
 
-from elm_mlx.lora.data import shipped_chat_template
+from elm_spec.chat_template import shipped_chat_template
 
 pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 

@@ -8,44 +8,24 @@ Each file's format is detected from its rows, as mlx-lm does:
 - `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation through the chat template.
 
 Every example becomes tokens plus a per-token loss mask, so that only completion or assistant
-tokens are trained on when prompts are masked. Chat rows are tokenized piece by piece: each
-prompt part exactly as `apply_chat_template(..., add_generation_prompt=True)` renders it at
-generation time, each assistant part on its own, so training sees the token boundaries that
-generation will.
+tokens are trained on when prompts are masked; chat rows are tokenized as
+elm_spec.chat_encoding does for both twins.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from elm_spec import ElmError
-from elm_spec.chat_template import NO_TEMPLATE, read_template_file
+from elm_spec.chat_encoding import Message, check_messages, conversation_pieces
 from elm_spec.jsonl import read_jsonl_objects
 
 SPLITS = ("train", "valid", "test")
 FORMATS = ("text", "completions", "chat")
-ROLES = ("system", "user", "assistant")
-SHIPPED_TEMPLATE = "openelm_instruct.jinja"
-
-
-def shipped_chat_template() -> str:
-    """The OpenELM-instruct chat format: `<|user|>\\n...</s><|assistant|>\\n...</s>`."""
-    return resources.files("elm_mlx.templates").joinpath(SHIPPED_TEMPLATE).read_text().rstrip("\n")
-
-
-def resolve_chat_template(option: str | None, tokenizer_template: str | None) -> str | None:
-    """The template to use: `--chat-template FILE`, else the tokenizer's, else the shipped one;
-    `--chat-template none` disables the shipped fallback."""
-    if option == NO_TEMPLATE:
-        return tokenizer_template
-    if option is not None:
-        return read_template_file(option)
-    return tokenizer_template if tokenizer_template else shipped_chat_template()
 
 
 @dataclass
@@ -90,7 +70,8 @@ def row_format(row: dict[str, Any]) -> str | None:
 
 @dataclass
 class Encoder:
-    """Turns rows into Examples with a tokenizer (mlx-lm's TokenizerWrapper or HF tokenizer)."""
+    """Turns rows into Examples with a tokenizer (mlx-lm's TokenizerWrapper or HF tokenizer);
+    also the elm_spec.chat_encoding.ChatCodec of that tokenizer."""
 
     tokenizer: Any
     chat_template: str | None
@@ -101,6 +82,14 @@ class Encoder:
     def __post_init__(self) -> None:
         self._bos = self.tokenizer.bos_token_id
         self._eos = self.tokenizer.eos_token_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -124,45 +113,25 @@ class Encoder:
         return self._conversation(messages, where)
 
     def chat(self, row: dict[str, Any], where: str) -> Example:
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ElmError(f"{where}: \"messages\" must be a non-empty list")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise ElmError(f"{where}: messages[{index}] needs a role of {', '.join(ROLES)}")
-            if not isinstance(message.get("content"), str):
-                raise ElmError(f"{where}: messages[{index}] needs a string \"content\"")
+        messages = check_messages(row.get("messages"), where)
         if not any(m["role"] == "assistant" for m in messages):
             raise ElmError(f"{where}: no assistant message to train on")
         if self.chat_template is None:
             raise ElmError(f"{where}: chat rows need a chat template; the tokenizer has none "
                            "and --chat-template none disabled the shipped one")
-        return self._conversation([dict(m) for m in messages], where)
+        return self._conversation(messages, where)
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def render(self, messages: list[Message], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False,
             add_generation_prompt=generation_prompt)
 
-    def _conversation(self, messages: list[dict[str, str]], where: str) -> Example:
+    def _conversation(self, messages: list[Message], where: str) -> Example:
         tokens: list[int] = []
         loss_mask: list[bool] = []
-        rendered = ""
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            if not message["content"].strip():
-                raise ElmError(f"{where}: messages[{index}] is an empty assistant message")
-            prompt = self._render(messages[:index], generation_prompt=True)
-            full = self._render(messages[: index + 1], generation_prompt=False)
-            if not prompt.startswith(rendered) or not full.startswith(prompt):
-                raise ElmError(f"{where}: the chat template does not render conversations "
-                               "prefix by prefix, so prompt tokens cannot be masked")
-            head = self.encode(prompt[len(rendered):])
-            tail = self.encode(full[len(prompt):])
+        for head, tail in conversation_pieces(self, messages, where):
             tokens += head + tail
             loss_mask += [not self.mask_prompt] * len(head) + [True] * len(tail)
-            rendered = full
         return Example(tokens, loss_mask)
 
 

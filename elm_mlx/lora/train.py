@@ -47,10 +47,10 @@ from elm_mlx.lora.data import (
     batch_stream,
     load_data_dir,
     packed_rows,
-    resolve_chat_template,
 )
 from elm_mlx.lora.report import Reporter
 from elm_spec import ElmError
+from elm_spec.chat_template import resolve_chat_template
 from elm_spec.outputs import crash_point, output_lock
 from elm_spec.writes import write_json_atomic, writing
 
