@@ -1,5 +1,6 @@
-"""Names every part of elm agrees on: attention kernels, parallel strategies, dtypes and the
-exit code of a run that ran out of memory. Each twin maps the dtype names to its own types."""
+"""Names every part of elm agrees on: attention kernels, parallel strategies, dtypes,
+activation checkpointing modes and the exit code of a run that ran out of memory. Each twin maps
+the dtype names to its own types."""
 
 from __future__ import annotations
 
@@ -9,5 +10,14 @@ SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "hsdp")
 # Weights on disk and in memory; training computes in the first two.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TRAIN_DTYPES = ("bfloat16", "float32")
+# train.activation_checkpointing: recompute nothing, all but the matmul and attention outputs
+# (torchtitan's per-op policy), or each whole block.
+AC_MODES = ("none", "selective", "full")
+# The aten ops whose outputs selective checkpointing keeps (the expensive ones to recompute);
+# names missing from the running torch are skipped.
+SELECTIVE_AC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                          "_scaled_dot_product_flash_attention_for_cpu",
+                          "_scaled_dot_product_efficient_attention",
+                          "_scaled_dot_product_cudnn_attention")
 # `elm train` exits with this when a step runs out of memory; `elm bench` records the cell as OOM.
 OOM_EXIT_CODE = 3

@@ -78,6 +78,20 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def aliased(default: Any, aliases: dict[Any, Any]) -> Any:
+    """A dataclass field whose former spellings still read: ALIASES maps an old value (matched
+    with its type, so `true` is not `1`) to the new one, e.g. {True: "full", False: "none"} for
+    a setting that was a bool."""
+    return dataclasses.field(default=default, metadata={"aliases": aliases})
+
+
+def _unalias(value: Any, aliases: dict[Any, Any]) -> Any:
+    for old, new in aliases.items():
+        if type(value) is type(old) and value == old:
+            return new
+    return value
+
+
 def build_dataclass(cls: type, data: Any, section: str = "") -> Any:
     """CLS from the mapping DATA, each value coerced to its field's type hint; SECTION is the
     dotted path of DATA in error messages."""
@@ -97,7 +111,8 @@ def build_dataclass(cls: type, data: Any, section: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             values[f.name] = build_dataclass(hint, data[f.name] or {}, dotted)
         else:
-            values[f.name] = coerce(data[f.name], hint, dotted)
+            value = _unalias(data[f.name], f.metadata.get("aliases", {}))
+            values[f.name] = coerce(value, hint, dotted)
     return cls(**values)
 
 

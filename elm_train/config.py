@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
-from elm_spec.names import ATTENTION_KINDS, STRATEGIES, TRAIN_DTYPES
+from elm_spec.names import AC_MODES, ATTENTION_KINDS, STRATEGIES, TRAIN_DTYPES
 from elm_spec.settings import (
+    aliased,
     build_dataclass,
     deep_merge,
     parse_override,
@@ -75,7 +76,8 @@ class TrainSection:
     seed: int = 0
     dtype: str = "bfloat16"
     compile: bool = False
-    activation_checkpointing: bool = False
+    # none | selective | full (docs/train.md); `true`/`false` of older configs read as full/none.
+    activation_checkpointing: str = aliased("none", {True: "full", False: "none"})
     device: str = "auto"
     # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else (from `elm train`) the
     # cores the load average leaves idle.
@@ -133,6 +135,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS, "model.attention": ATTENTION_KINDS, "train.dtype": TRAIN_DTYPES, "train.device": DEVICES,
+    "train.activation_checkpointing": AC_MODES,
     "parallel.strategy": STRATEGIES, "optim.implementation": ADAMW_IMPLEMENTATIONS,
 }
 POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps",
@@ -148,7 +151,7 @@ NON_NEGATIVE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.w
 CORENET_GLOBAL_BATCH_TOKENS = 16 * 128 * 2048
 
 
-def _openelm_recipe(preset: str, lr: float, checkpointing: bool, strategy: str) -> dict[str, Any]:
+def _openelm_recipe(preset: str, lr: float, checkpointing: str, strategy: str) -> dict[str, Any]:
     return {
         "model": {"preset": preset},
         "optim": {"lr": lr, "min_lr_ratio": 0.1, "warmup_steps": 5000, "warmup_init_lr": 1e-6,
@@ -162,10 +165,10 @@ def _openelm_recipe(preset: str, lr: float, checkpointing: bool, strategy: str) 
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "openelm-270m": _openelm_recipe("OpenELM-270M", 5.3e-3, False, "ddp"),
-    "openelm-450m": _openelm_recipe("OpenELM-450M", 3.9e-3, True, "ddp"),
-    "openelm-1.1b": _openelm_recipe("OpenELM-1_1B", 2.4e-3, True, "ddp"),
-    "openelm-3b": _openelm_recipe("OpenELM-3B", 1.2e-3, True, "fsdp"),
+    "openelm-270m": _openelm_recipe("OpenELM-270M", 5.3e-3, "none", "ddp"),
+    "openelm-450m": _openelm_recipe("OpenELM-450M", 3.9e-3, "full", "ddp"),
+    "openelm-1.1b": _openelm_recipe("OpenELM-1_1B", 2.4e-3, "full", "ddp"),
+    "openelm-3b": _openelm_recipe("OpenELM-3B", 1.2e-3, "full", "fsdp"),
 }
 
 

@@ -8,6 +8,7 @@ mesh is built explicitly for "cpu", so a machine that also has GPUs still shards
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from elm_spec import ElmError
-from elm_spec.names import SHARDED_STRATEGIES
+from elm_spec.names import SELECTIVE_AC_SAVED_OPS, SHARDED_STRATEGIES
 from elm_spec.platform import idle_cores, load_summary
 
 
@@ -120,16 +121,43 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wrap each block where the model holds it, so `layers` then yields the wrapped blocks."""
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Wrap each block where the model holds it, so `layers` then yields the wrapped blocks.
+
+    MODE `full` recomputes the whole block in backward; `selective` keeps the outputs of the ops
+    named in SELECTIVE_AC_SAVED_OPS (matmuls, attention) and recomputes the cheap rest (norms,
+    activations, rotary), as torchtitan's per-op policy; `none` leaves the model as it is.
+    """
+    if mode == "none":
+        return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         apply_activation_checkpointing as wrap_matching,
     )
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    options = {"context_fn": selective_checkpoint_contexts} if mode == "selective" else {}
     blocks = {id(block) for block in transformer_blocks(model)}
     wrap_matching(model, checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(
-        block, preserve_rng_state=False), check_fn=lambda module: id(module) in blocks)
+        block, preserve_rng_state=False, **options), check_fn=lambda module: id(module) in blocks)
+
+
+def selective_checkpoint_contexts():
+    """The forward and recompute contexts of selective checkpointing (one pair per block call)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _selective_saved_ops()
+
+    # The same answer in forward and in recompute: a saved output is then taken from the cache.
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+@functools.cache
+def _selective_saved_ops() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, name).default for name in SELECTIVE_AC_SAVED_OPS
+                     if hasattr(torch.ops.aten, name))
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -138,8 +138,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     strategy = config.parallel.strategy
 
     model = task.build_model()
-    if tc.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
+    parallel.apply_activation_checkpointing(model, tc.activation_checkpointing)
     if tc.compile:
         parallel.apply_compile(model)
     model = parallel.wrap_model(model, ctx, strategy, dtype, config.parallel.replicate_degree)

@@ -1,0 +1,109 @@
+"""Memory and precision options of `elm train`: activation checkpointing modes, float8 wiring,
+the OOM snapshot (in-process, fast)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from elm_spec import ElmError, ModelSpec
+from elm_spec.names import AC_MODES
+from elm_train import parallel
+from elm_train.config import load_config
+from elm_train.model import OpenELM
+
+
+class LiveOutputs(TorchDispatchMode):
+    """Every op output's storage, held weakly: after the forward, the bytes still alive (and not
+    a parameter) are what the graph keeps for backward, whatever mechanism keeps them (autograd's
+    saved tensors, the checkpoint's cache of saved outputs, the inputs a recompute needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def live_bytes(self, exclude: set[int]) -> int:
+        return sum(size for pointer, (ref, size) in self.storages.items()
+                   if not ref.expired() and pointer not in exclude)
+
+
+def tiny_model() -> OpenELM:
+    spec = ModelSpec.from_preset("elm-tiny")
+    torch.manual_seed(0)
+    model = OpenELM(spec)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model
+
+
+def forward_backward(model: OpenELM, ids: torch.Tensor) -> tuple[float, dict, int]:
+    """(loss, gradients, bytes held between forward and backward)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = LiveOutputs()
+    with tracker:
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    del logits
+    held = tracker.live_bytes(parameters | {loss.untyped_storage().data_ptr()})
+    loss.backward()
+    # named as in the unwrapped model
+    grads = {name.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+             for name, p in model.named_parameters()}
+    return loss.item(), grads, held
+
+
+def test_checkpointing_modes_agree_and_hold_less() -> None:
+    reference = tiny_model()
+    ids = torch.randint(0, reference.spec.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in AC_MODES:
+        model = copy.deepcopy(reference)
+        parallel.apply_activation_checkpointing(model, mode)
+        results[mode] = forward_backward(model, ids)
+    loss, grads, held = results["none"]
+    for mode in ("selective", "full"):
+        assert results[mode][0] == pytest.approx(loss, rel=1e-6), mode
+        for name, grad in grads.items():
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-5, atol=1e-6)
+    # Full keeps each block's input only; selective also its matmul and attention outputs.
+    assert results["full"][2] < results["selective"][2] < held, {m: r[2] for m, r in results.items()}
+
+
+def test_selective_mode_wraps_every_block_and_keeps_matmuls() -> None:
+    model = tiny_model()
+    parallel.apply_activation_checkpointing(model, "selective")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    assert all(isinstance(block, CheckpointWrapper) for block in model.layers)
+    assert torch.ops.aten.mm.default in parallel._selective_saved_ops()
+
+
+@pytest.mark.parametrize(("value", "mode"), [(True, "full"), (False, "none"),
+                                             ("selective", "selective"), ("full", "full")])
+def test_activation_checkpointing_reads_old_booleans(value, mode) -> None:
+    config = load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True},
+                               "train": {"activation_checkpointing": value}})
+    assert config.train.activation_checkpointing == mode
+    overridden = load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True}},
+                             overrides=[f"train.activation_checkpointing={str(value).lower()}"])
+    assert overridden.train.activation_checkpointing == mode
+
+
+def test_unknown_checkpointing_mode_is_named() -> None:
+    with pytest.raises(ElmError, match=r"train.activation_checkpointing: 'some' is not one of "
+                                       r"none, selective, full"):
+        load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True}},
+                    overrides=["train.activation_checkpointing=some"])
