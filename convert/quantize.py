@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from elm_spec import ElmError, ModelSpec
+from elm_spec.names import MLX_GROUP_SIZES
 
 Q_BITS = (4, 8)
-Q_GROUP_SIZES = (32, 64, 128)
+Q_GROUP_SIZES = MLX_GROUP_SIZES
 # recipe -> bits of the sensitive modules; the rest get --q-bits
 RECIPES: dict[str, int] = {"mixed_4_6": 6, "mixed_4_8": 8}
 QUANTIZED_SUFFIXES = ("token_embeddings", "lm_head", "qkv_proj", "out_proj", "proj_1", "proj_2")

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from elm_mlx.generate import encode_messages, stream_generate
+from elm_spec import ElmError
 
 
 @dataclass
@@ -40,6 +41,10 @@ class ChatSession:
     cached: list[int] = field(default_factory=list)  # the tokens the cache holds
 
     def __post_init__(self) -> None:
+        if self.draft_model is not None and self.options.get("kv_bits") is not None:
+            # mlx-lm's speculative decoding quantizes copies of the cache it was given, so the
+            # cache kept across turns would stop following the conversation
+            raise ElmError("--kv-bits does not combine with --draft-model in a chat")
         self.reset()
 
     def reset(self) -> None:

@@ -21,3 +21,6 @@ SELECTIVE_AC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_atten
                           "_scaled_dot_product_cudnn_attention")
 # `elm train` exits with this when a step runs out of memory; `elm bench` records the cell as OOM.
 OOM_EXIT_CODE = 3
+# What MLX's affine quantization accepts (weights in `elm convert -q`, the KV cache in --kv-bits).
+MLX_GROUP_SIZES = (32, 64, 128)
+MLX_BITS = (2, 3, 4, 5, 6, 8)

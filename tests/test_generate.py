@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten, tree_unflatten
-from support.cli import run_elm
+from support.cli import run_cli, run_elm
 
-from apps.cli import main as elm_main
 from elm_mlx import load
 from elm_mlx.generate import encode_prompt, generate, stream_generate
 from elm_mlx.matvec import matvec_on_cpu
@@ -38,15 +37,6 @@ def model_dir(make_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def loaded(model_dir: Path):
     return load(model_dir)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`elm ARGS` in this process (the same entry point as the console script), its exit code
-    and output."""
-    with pytest.raises(SystemExit) as exit_info:
-        elm_main(list(args))
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def torch_greedy(model_dir: Path, prompt: list[int], steps: int) -> list[int]:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from apps.commands.generate import CHAT_TEMPLATE_HELP
+from apps.commands.generate import (
+    CHAT_TEMPLATE_HELP,
+    DRAFT_MODEL_HELP,
+    KV_BITS_HELP,
+    KV_GROUP_SIZE_HELP,
+    NUM_DRAFT_TOKENS_HELP,
+    QUANTIZED_KV_START_HELP,
+)
 from apps.process import keep_torch_out
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit"
@@ -26,6 +33,12 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
         min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability."),
         seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+        draft_model: Path = typer.Option(None, "--draft-model", help=DRAFT_MODEL_HELP),
+        num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help=NUM_DRAFT_TOKENS_HELP),
+        kv_bits: int = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+        kv_group_size: int = typer.Option(64, "--kv-group-size", help=KV_GROUP_SIZE_HELP),
+        quantized_kv_start: int = typer.Option(5000, "--quantized-kv-start",
+                                               help=QUANTIZED_KV_START_HELP),
         verbose: bool = typer.Option(False, "--verbose", help="After each answer, print how many "
                                      "prompt tokens were prefilled and how many came from the cache."),
     ) -> None:
@@ -33,15 +46,30 @@ def register(app: typer.Typer) -> None:
         keep_torch_out()
         from elm_mlx import load
         from elm_mlx.chat import ChatSession, TurnStats
-        from elm_mlx.generate import NO_TEMPLATE_ADVICE
+        from elm_mlx.generate import (
+            NO_TEMPLATE_ADVICE,
+            check_draft_options,
+            check_generation_options,
+            check_kv_options,
+            load_draft,
+        )
         from elm_spec import ElmError
 
+        options = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       seed=seed, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                       quantized_kv_start=quantized_kv_start)
+        check_generation_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                                 min_p=min_p)
+        check_kv_options(kv_bits, kv_group_size, quantized_kv_start)
+        if draft_model is not None:
+            check_draft_options(num_draft_tokens)
+            options["num_draft_tokens"] = num_draft_tokens
         mlx_model, tokenizer = load(model, adapter_path=adapter_path, chat_template=chat_template)
         if not tokenizer.has_chat_template:
             raise ElmError(NO_TEMPLATE_ADVICE)
-        options = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                       seed=seed)
-        session = ChatSession(mlx_model, tokenizer, system_prompt, options)
+        check_kv_options(kv_bits, kv_group_size, quantized_kv_start, mlx_model.spec.head_dim)
+        draft = None if draft_model is None else load_draft(draft_model, model, mlx_model, tokenizer)
+        session = ChatSession(mlx_model, tokenizer, system_prompt, options, draft)
         interactive = sys.stdin.isatty()
         if interactive:
             print(HELP)

@@ -20,6 +20,12 @@ def read_prompt(prompt: str) -> str:
 
 CHAT_TEMPLATE_HELP = ("Jinja chat template file ('none': raw prompts); by default the adapters' "
                       "recorded template, else the model's.")
+DRAFT_MODEL_HELP = ("A smaller model with the same tokenizer that drafts tokens for the model "
+                    "to check (speculative decoding; greedy output is unchanged).")
+NUM_DRAFT_TOKENS_HELP = "Tokens the draft model proposes at a time."
+KV_BITS_HELP = "Quantize the KV cache to this many bits (2, 3, 4, 5, 6 or 8); default: not quantized."
+KV_GROUP_SIZE_HELP = "Group size of the KV cache quantization (32, 64 or 128)."
+QUANTIZED_KV_START_HELP = "With --kv-bits, quantize the KV cache once it holds this many tokens."
 
 
 def register(app: typer.Typer) -> None:
@@ -46,39 +52,62 @@ def register(app: typer.Typer) -> None:
         ignore_chat_template: bool = typer.Option(
             False, "--ignore-chat-template", help="Use the raw prompt even if the tokenizer has a chat template."),
         system_prompt: str = typer.Option(None, "--system-prompt", help="System turn for the chat template."),
+        draft_model: Path = typer.Option(None, "--draft-model", help=DRAFT_MODEL_HELP),
+        num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help=NUM_DRAFT_TOKENS_HELP),
+        kv_bits: int = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+        kv_group_size: int = typer.Option(64, "--kv-group-size", help=KV_GROUP_SIZE_HELP),
+        quantized_kv_start: int = typer.Option(5000, "--quantized-kv-start",
+                                               help=QUANTIZED_KV_START_HELP),
         verbose: bool = typer.Option(True, "--verbose/--quiet",
                                      help="Print the statistics lines, or only the generated text."),
     ) -> None:
         """Generate text from a model directory (MLX), streaming it to stdout."""
         keep_torch_out()
         from elm_mlx import load
-        from elm_mlx.generate import check_generation_options, encode_prompt, stream_generate
+        from elm_mlx.generate import (
+            check_draft_options,
+            check_generation_options,
+            check_kv_options,
+            encode_prompt,
+            load_draft,
+            stream_generate,
+        )
 
         check_generation_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                                  min_p=min_p, repetition_penalty=repetition_penalty,
                                  repetition_context_size=repetition_context_size,
                                  max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
+        check_kv_options(kv_bits, kv_group_size, quantized_kv_start)
+        if draft_model is not None:
+            check_draft_options(num_draft_tokens, max_kv_size, repetition_penalty)
         if system_prompt is not None and ignore_chat_template:
             raise ElmError("--system-prompt needs the chat template; drop --ignore-chat-template")
         text = read_prompt(prompt)
         mlx_model, tokenizer = load(model, adapter_path=adapter_path, chat_template=chat_template)
+        draft = None if draft_model is None else load_draft(draft_model, model, mlx_model, tokenizer)
         use_template = False if ignore_chat_template else None
         if system_prompt is not None:
             use_template = True
         ids = encode_prompt(tokenizer, text, use_template, system_prompt)
         if verbose:
             print("=" * 10)
-        response = None
+        response, drafted = None, 0
         for response in stream_generate(
                 mlx_model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                 min_p=min_p, repetition_penalty=repetition_penalty,
                 repetition_context_size=repetition_context_size, max_kv_size=max_kv_size, seed=seed,
-                prefill_step_size=prefill_step_size):
+                prefill_step_size=prefill_step_size, draft_model=draft,
+                num_draft_tokens=num_draft_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start):
             print(response.text, end="", flush=True)
+            drafted += response.from_draft
         print()
         if verbose and response is not None:
             print("=" * 10)
             print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
             print(f"Generation: {response.generation_tokens} tokens, "
                   f"{response.generation_tps:.3f} tokens-per-sec")
+            if draft is not None:
+                print(f"Draft: {drafted} of {response.generation_tokens} tokens accepted from "
+                      "the draft model")
             print(f"Peak memory: {response.peak_memory:.3f} GB")

@@ -18,6 +18,19 @@ def run_elm(*args: str, input: str | None = None, cwd: Path | None = None,
                           text=True, cwd=cwd, timeout=timeout, env=full_env)
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`elm ARGS` in this process (the same entry point as the console script), its exit code
+    and output; CAPSYS is pytest's capture fixture."""
+    import pytest
+
+    from apps.cli import main as elm_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        elm_main(list(args))
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
 def assert_one_error_line(result, *fragments: str) -> None:
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
