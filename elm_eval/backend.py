@@ -10,7 +10,7 @@ import platform
 from elm_eval.model import EvalModel
 from elm_spec import ElmError
 from elm_spec.hub import resolve
-from elm_spec.modeldir import CONFIG_FILE, read_spec, require_model_dir
+from elm_spec.modeldir import CONFIG_FILE, read_config, read_spec, require_model_dir
 from elm_spec.tokenizer import Tokenizer, require_tokenizer
 
 BACKENDS = ("torch", "mlx")
@@ -30,6 +30,19 @@ def default_backend() -> str:
     return next(name for name in preferred if name in installed)
 
 
+def is_quantized(directory: os.PathLike[str]) -> bool:
+    return bool(read_config(directory).get("quantization"))
+
+
+def chosen_backend(model_dir: str | os.PathLike[str]) -> str:
+    """The default backend, except that a quantized directory goes to MLX, which runs it as
+    it is."""
+    directory = require_model_dir(resolve(model_dir))
+    if is_quantized(directory) and "mlx" in installed_backends():
+        return "mlx"
+    return default_backend()
+
+
 def load_eval_model(model_dir: str | os.PathLike[str], backend: str | None = None,
                     adapter_path: str | os.PathLike[str] | None = None,
                     batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
@@ -41,7 +54,8 @@ def load_eval_model(model_dir: str | os.PathLike[str], backend: str | None = Non
     if tokenizer.vocab_size > spec.vocab_size:
         raise ElmError(f"{directory}: tokenizer has {tokenizer.vocab_size} pieces but the model "
                        f"only {spec.vocab_size} embeddings")
-    backend = backend or default_backend()
+    quantized = is_quantized(directory)
+    backend = backend or chosen_backend(directory)
     if backend not in BACKENDS:
         raise ElmError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if importlib.util.find_spec(backend) is None:
@@ -53,6 +67,10 @@ def load_eval_model(model_dir: str | os.PathLike[str], backend: str | None = Non
                        f"(max_context_length {spec.max_context_length} in "
                        f"{directory / CONFIG_FILE})")
     if backend == "torch":
+        if quantized:
+            raise ElmError(f"{directory}: is a quantized MLX directory: evaluate it as it is with "
+                           "--backend mlx, or write a PyTorch one with "
+                           f"`elm convert {model_dir} DST --to torch`")
         if adapter_path is not None:
             raise ElmError("adapters need the mlx backend; for torch, fuse them first with `elm fuse`")
         from elm_eval.torch_model import TorchEvalModel

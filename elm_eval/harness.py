@@ -26,7 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from elm_eval.backend import DEFAULT_BATCH_SIZE, default_backend, load_eval_model
+from elm_eval.backend import DEFAULT_BATCH_SIZE, chosen_backend, load_eval_model
 from elm_eval.model import window_count
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class ElmLM(TemplateLM):
         super().__init__()
         if unused:
             logger.warning("elm model ignores model_args %s", ", ".join(sorted(unused)))
-        backend = backend or default_backend()
+        backend = backend or chosen_backend(pretrained)
         self.model = load_eval_model(pretrained, backend=backend, adapter_path=adapter_path,
                                      batch_size=_batch_size(batch_size), max_length=max_length,
                                      dtype=dtype, device=_device(backend, device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,21 @@ def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
     try:
         mlx_lm_load_adapters(model, str(directory))
     except ValueError as error:
-        first_line = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first_line[:3])
-        raise ElmError(f"{directory}: adapters do not fit this model ({detail})") from None
+        lines = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[:3])
+        raise ElmError(f"{directory}: adapters do not fit this model{_trained_on(directory)} "
+                       f"({detail})") from None
     model.eval()
     return model
+
+
+def _trained_on(directory: Path) -> str:
+    """The base model the adapters record (mlx-lm's adapter_config.json `model`), as advice."""
+    try:
+        base = json.loads((directory / "adapter_config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f"; they were fine-tuned on {base}: pass --model {base}" if isinstance(base, str) else ""
 
 
 def load(path: str | os.PathLike[str], adapter_path: str | os.PathLike[str] | None = None,

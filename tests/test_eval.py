@@ -168,8 +168,10 @@ def test_quantized_and_adapter_models_on_mlx(model_dir, task_dir, tmp_path):
         (got, _), = model.loglikelihood([(context, continuation)])
         assert got == pytest.approx(reference_loglikelihood(logits_of, context, continuation,
                                                             256)[0], abs=1e-4)
-    with pytest.raises(ElmError, match="quantized MLX directory"):
+    with pytest.raises(ElmError, match="quantized MLX directory: evaluate it as it is with "
+                                       "--backend mlx"):
         load_eval_model(quantized, backend="torch")
+    assert load_eval_model(quantized).backend == "mlx"  # chosen for it, whatever the platform
 
     # LoRA adapters with a non-zero update, saved as mlx-lm does.
     lora = load_model(model_dir)

@@ -4,6 +4,7 @@ fused and exported models in both twins, and one-line errors."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -136,6 +137,8 @@ def test_errors_are_one_line(setup, make_model_dir, resumed_run, tmp_path):
     with pytest.raises(ElmError) as mismatch:
         fuse(other, resumed_run["whole"], tmp_path / "fused")
     assert "adapters do not fit this model" in str(mismatch.value) and "\n" not in str(mismatch.value)
+    trained_on = json.loads((resumed_run["whole"] / "adapter_config.json").read_text())["model"]
+    assert f"they were fine-tuned on {trained_on}: pass --model {trained_on}" in str(mismatch.value)
     assert re.search(r"transformer\.layers\.\d+\.\w+\.\w+\.lora_[ab]: adapter shape \(\d+, \d+\) "
                      r"does not match model parameter shape", str(mismatch.value))
     assert not (tmp_path / "fused").exists()

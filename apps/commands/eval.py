@@ -43,9 +43,9 @@ def progress_bar() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
 
 def _load(model: Path, backend: str | None, adapter_path: Path | None, batch_size: int,
           context_length: int | None, dtype: str | None, device: str | None):
-    from elm_eval.backend import default_backend, load_eval_model
+    from elm_eval.backend import chosen_backend, load_eval_model
 
-    backend = backend or default_backend()
+    backend = backend or chosen_backend(model)
     if backend == "mlx":
         keep_torch_out()
     return load_eval_model(model, backend=backend, adapter_path=adapter_path,
