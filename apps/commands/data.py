@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
     def prepare(
         sources: list[str] = typer.Argument(
             ..., help="Files, directories (searched recursively) or globs: .txt, .jsonl, "
-                      ".json.gz/.jsonl.gz, .parquet."),
+                      ".json.gz/.jsonl.gz, .parquet; or Hub datasets, streamed: "
+                      "hf://datasets/ORG/NAME[@REV][/GLOB][?split=train&column=text]."),
         tokenizer: Path = typer.Option(..., "--tokenizer",
                                        help="tokenizer.model, or a directory holding one."),
         out: Path = typer.Option(..., "--out", help="Data directory to create."),

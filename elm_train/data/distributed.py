@@ -31,6 +31,7 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.tokenizer import Tokenizer
+from elm_train.data import hub
 from elm_train.data.prepare import (
     ChunkResult,
     ChunkTokenizer,
@@ -235,12 +236,13 @@ def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]],
         raise ElmError(f"--tasks must be at least 1, got {tasks}")
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
-    sources = [str(s) for s in sources]
+    # Every task lists a Hub dataset's files at the same commit.
+    sources = [hub.pin(str(s)) if hub.is_hub_source(str(s)) else str(s) for s in sources]
     work = Path(work_dir)
     files = expand_sources(sources, options.source_format)
     refuse_replacing_inputs(files, tok, output)
     _claim_work_dir(work, run_description(sources, tok, options, tasks))
-    with TaskProgress(work, sum(f.path.stat().st_size for f in files), show_progress) as progress:
+    with TaskProgress(work, sum(f.size for f in files), show_progress) as progress:
         tokenize_executor(sources, tok, work, options, tasks, options.workers).run()
     if show_progress:
         print(progress.summary(tasks), file=sys.stderr)

@@ -299,8 +299,8 @@ def refuse_replacing_inputs(files: Sequence[SourceFile], tok: Tokenizer,
                             output: str | os.PathLike[str]) -> None:
     """Refuse an OUTPUT that holds a corpus file or the tokenizer (`--force` would delete
     them), before any work is done."""
-    by_directory = {f.path.parent: f.path for f in files}  # one file per directory suffices
-    for file in [*by_directory.values(), tok.path]:
+    by_directory = {Path(f.path).parent: Path(f.path) for f in files if f.is_local}
+    for file in [*by_directory.values(), tok.path]:  # one file per directory suffices
         refuse_overlap(file, output)
 
 
@@ -315,7 +315,7 @@ def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequen
     totals: Counter = Counter()
     with atomic_output_dir(output, force=force) as staging:
         writer = ShardWriter(staging, dtype, options.shard_tokens)
-        total_bytes = sum(f.path.stat().st_size for f in files)
+        total_bytes = sum(f.size for f in files)
         with _progress_bar(total_bytes, show_progress) as advance:
             for result in results:
                 writer.write("train", result.train)

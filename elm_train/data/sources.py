@@ -1,6 +1,8 @@
-"""Text corpora on disk: which files a list of sources names, and the documents in each file.
+"""Text corpora: which files a list of sources names, and the documents in each file.
 
-Formats: plain text (one document per file, or one per line), JSONL, gzipped JSONL and Parquet.
+Sources are local files, directories and globs, or Hub datasets (`hf://datasets/...`, hub.py),
+whose files are read by range requests without a local copy. Formats: plain text (one document
+per file, or one per line), JSONL, gzipped JSONL and Parquet.
 Work is cut into chunks of about `chunk_bytes` so that worker processes can read and tokenize
 them in parallel while the output keeps the corpus order. Every document carries a position
 (byte offset of its line, row number, or 0 for a whole file) that identifies it independently of
@@ -16,8 +18,10 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from elm_spec import ElmError
+from elm_train.data import hub
 
 FORMATS = ("txt", "jsonl", "jsonl.gz", "parquet")
 SUFFIX_FORMATS = {
@@ -33,8 +37,23 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 @dataclass(frozen=True)
 class SourceFile:
     index: int  # position in the expanded source list; part of every document's identity
-    path: Path
+    path: str  # a local path, or hf://datasets/ORG/NAME@COMMIT/FILE
     format: str
+    size: int
+    text_key: str | None = None  # this file's own text key (a Hub source's column=)
+
+    @property
+    def is_local(self) -> bool:
+        return not hub.is_hub_source(self.path)
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb") if self.is_local else hub.open_file(self.path, self.size)
+
+    def key(self, options: ReadOptions) -> str:
+        return self.text_key or options.text_key
+
+    def key_hint(self) -> str:
+        return "choose one with --text-key" if self.is_local else "choose one with ?column=NAME"
 
 
 @dataclass(frozen=True)
@@ -103,8 +122,8 @@ class RowGroup:
 Chunk = FileGroup | LineRange | LineBlock | RowGroup
 
 
-def detect_format(path: Path) -> str | None:
-    name = path.name.lower()
+def detect_format(path: str) -> str | None:
+    name = path.rpartition("/")[2].lower()
     for suffix, fmt in sorted(SUFFIX_FORMATS.items(), key=lambda item: -len(item[0])):
         if name.endswith(suffix):
             return fmt
@@ -113,15 +132,22 @@ def detect_format(path: Path) -> str | None:
 
 def expand_sources(sources: Sequence[str | os.PathLike[str]], source_format: str | None = None
                    ) -> list[SourceFile]:
-    """Files named by SOURCES (files, directories searched recursively, globs), in order.
+    """Files named by SOURCES (files, directories searched recursively, globs, Hub datasets),
+    in order.
 
     Each file's format comes from its name unless `source_format` forces one for all.
     """
     if source_format is not None and source_format not in FORMATS:
         raise ElmError(f"unknown format {source_format!r} (expected one of {', '.join(FORMATS)})")
-    paths: dict[Path, None] = {}
+    paths: dict[str, tuple[int, str | None]] = {}  # path -> (size, text key)
     for source in sources:
         text = str(source)
+        if hub.is_hub_source(text):
+            listed, column = hub.list_files(text, lambda name: (source_format or detect_format(name))
+                                            is not None)
+            for path, size in listed:
+                paths.setdefault(path, (size, column))
+            continue
         if glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
             files = [m for m in matches if m.is_file()]
@@ -137,17 +163,18 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]], source_format: str
             files = [Path(text)]
         else:
             raise ElmError(f"{text}: not found")
-        paths.update(dict.fromkeys(files))
+        for file in files:
+            paths.setdefault(str(file), (file.stat().st_size, None))
     if not paths:
         raise ElmError("no sources given")
     result = []
-    for index, path in enumerate(paths):
+    for index, (path, (size, text_key)) in enumerate(paths.items()):
         fmt = source_format or detect_format(path)
         if fmt is None:
             raise ElmError(f"{path}: unknown file type (expected .txt, .jsonl, .json.gz, "
                            ".jsonl.gz or .parquet; --format txt|jsonl|jsonl.gz|parquet "
                            "reads any file as that format)")
-        result.append(SourceFile(index, path, fmt))
+        result.append(SourceFile(index, path, fmt, size, text_key))
     return result
 
 
@@ -166,23 +193,22 @@ def plan_chunks(files: Sequence[SourceFile], options: ReadOptions,
             yield FileGroup(tuple(group), group_bytes)
             group, group_bytes = [], 0
         if file.format == "parquet":
-            yield from _plan_parquet(file, options.text_key)
+            yield from _plan_parquet(file, file.key(options))
         elif file.format == "jsonl.gz":
             yield from _plan_gzip(file, chunk_bytes)
         elif line_based:
-            size = file.path.stat().st_size
-            for start in range(0, size, chunk_bytes):
-                yield LineRange(file, start, min(start + chunk_bytes, size))
+            for start in range(0, file.size, chunk_bytes):
+                yield LineRange(file, start, min(start + chunk_bytes, file.size))
         else:
             group.append(file)
-            group_bytes += file.path.stat().st_size
+            group_bytes += file.size
     if group:
         yield FileGroup(tuple(group), group_bytes)
 
 
 def _plan_gzip(file: SourceFile, chunk_bytes: int) -> Iterator[LineBlock]:
     offset, line, consumed = 0, 1, 0
-    with file.path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
+    with file.open() as raw, gzip.GzipFile(fileobj=raw) as stream:
         pending = b""
         while True:
             try:
@@ -210,14 +236,17 @@ def _plan_parquet(file: SourceFile, text_key: str) -> Iterator[RowGroup]:
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.ParquetFile(file.path).metadata
+        with file.open() as handle:
+            metadata = pq.ParquetFile(handle).metadata
+    except ElmError:
+        raise
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise ElmError(f"{file.path}: not a readable Parquet file ({error})") from None
     columns = metadata.schema.names
     if text_key not in columns:
         raise ElmError(f"{file.path}: no column {text_key!r} (columns: {', '.join(columns)}; "
-                       "choose one with --text-key)")
-    size = file.path.stat().st_size
+                       f"{file.key_hint()})")
+    size = file.size
     total_rows = max(metadata.num_rows, 1)
     first_row = 0
     for number in range(metadata.num_row_groups):
@@ -234,7 +263,7 @@ def read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
                        f"({error.strerror or error})") from None
 
 
-def _chunk_path(chunk: Chunk) -> Path:
+def _chunk_path(chunk: Chunk) -> str:
     return chunk.files[0].path if isinstance(chunk, FileGroup) else chunk.file.path
 
 
@@ -243,7 +272,8 @@ def _read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
     if isinstance(chunk, FileGroup):
         for file in chunk.files:
             try:
-                documents.add(file.path.read_bytes().decode("utf-8"), file.index, 0)
+                with file.open() as handle:
+                    documents.add(handle.read().decode("utf-8"), file.index, 0)
             except UnicodeDecodeError:
                 documents.undecodable += 1
     elif isinstance(chunk, LineRange):
@@ -252,13 +282,13 @@ def _read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
     elif isinstance(chunk, LineBlock):
         _read_lines(chunk.file, chunk.data, chunk.offset, chunk.first_line, options, documents)
     else:
-        _read_row_group(chunk, options.text_key, documents)
+        _read_row_group(chunk, chunk.file.key(options), documents)
     return documents
 
 
 def _read_line_range(chunk: LineRange) -> tuple[int, bytes]:
     """The bytes of every line starting in [start, end): a line belongs to the range it starts in."""
-    with chunk.file.path.open("rb") as handle:
+    with chunk.file.open() as handle:
         if chunk.start > 0:
             handle.seek(chunk.start - 1)
             handle.readline()  # the rest of a line that started in the previous range
@@ -295,16 +325,16 @@ def _read_lines(file: SourceFile, data: bytes, offset: int, first_line: int | No
         except json.JSONDecodeError as error:
             where = _line_name(file, data, offset, first_line, start)
             raise ElmError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-        text = record.get(options.text_key) if isinstance(record, dict) else None
+        text_key = file.key(options)
+        text = record.get(text_key) if isinstance(record, dict) else None
         if not isinstance(text, str):
             where = _line_name(file, data, offset, first_line, start)
             if not isinstance(record, dict):
                 raise ElmError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            if options.text_key not in record:
+            if text_key not in record:
                 keys = ", ".join(map(repr, list(record)[:8])) or "none"
-                raise ElmError(f"{where}: no {options.text_key!r} key (keys: {keys}; "
-                               "choose one with --text-key)")
-            raise ElmError(f"{where}: {options.text_key!r} is {type(text).__name__}, not a string")
+                raise ElmError(f"{where}: no {text_key!r} key (keys: {keys}; {file.key_hint()})")
+            raise ElmError(f"{where}: {text_key!r} is {type(text).__name__}, not a string")
         documents.add(text, file.index, offset + start)
 
 
@@ -312,14 +342,14 @@ def _line_name(file: SourceFile, data: bytes, offset: int, first_line: int | Non
                start: int) -> str:
     """FILE:LINE for the line at START of DATA (counted from the file only on this error path)."""
     if first_line is None:
-        first_line = 1 + _count_newlines(file.path, offset)
+        first_line = 1 + _count_newlines(file, offset)
     line = first_line + data.count(b"\n", 0, start)
     return f"{file.path}:{line}"
 
 
-def _count_newlines(path: Path, limit: int) -> int:
+def _count_newlines(file: SourceFile, limit: int) -> int:
     count = 0
-    with path.open("rb") as handle:
+    with file.open() as handle:
         while limit > 0:
             block = handle.read(min(limit, 1 << 24))
             if not block:
@@ -333,9 +363,9 @@ def _read_row_group(chunk: RowGroup, text_key: str, documents: Documents) -> Non
     import pyarrow.parquet as pq
 
     try:
-        column = pq.ParquetFile(chunk.file.path).read_row_group(chunk.row_group,
-                                                                columns=[text_key])
-    except OSError:
+        with chunk.file.open() as handle:
+            column = pq.ParquetFile(handle).read_row_group(chunk.row_group, columns=[text_key])
+    except (OSError, ElmError):
         raise
     except Exception as error:  # pyarrow raises several types for corrupt data
         raise ElmError(f"{chunk.file.path}: row group {chunk.row_group} is unreadable "
