@@ -102,7 +102,9 @@ class TokenWindowLoader:
 
 
 class SyntheticTokenLoader:
-    """Uniform random tokens (for benchmarks): batch k on rank r is a pure function of (seed, k, r)."""
+    """Uniform random tokens (for benchmarks). Row j of batch k is a pure function of
+    (seed, k, j) and rank r holds rows r*B ... (r+1)*B - 1 of each batch (B: the micro-batch),
+    so N processes of B rows see the batches one process of N*B rows sees."""
 
     batches_per_epoch = sys.maxsize  # endless: no batch repeats
 
@@ -119,11 +121,14 @@ class SyntheticTokenLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank)) & 0x7FFFFFFF)
-        tokens = torch.randint(0, self.vocab_size, (self.micro_batch_size, self.seq_len + 1),
-                               generator=generator)
+        first = self.rank * self.micro_batch_size
+        tokens = torch.stack([self._row(first + row) for row in range(self.micro_batch_size)])
         self.step += 1
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+    def _row(self, row: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.step, row)) & 0x7FFFFFFF)
+        return torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.seed}
