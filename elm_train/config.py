@@ -25,7 +25,7 @@ from elm_spec.settings import (
     set_dotted,
 )
 
-TASKS = ("lm", "catlip", "clip")
+TASKS = ("lm", "dpo", "catlip", "clip")
 DEVICES = ("auto", "cpu", "cuda")
 ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
@@ -42,6 +42,8 @@ class ModelConfig:
     tokenizer: str | None = None
     # task: clip only: the text tower's shape (keys of elm_train.catlip.clip.TextSpec).
     text: dict[str, Any] | None = None
+    # task: dpo only: the frozen reference model's directory (default: the initial weights).
+    ref_model: str | None = None
 
 
 @dataclass
@@ -250,13 +252,18 @@ def _check_values(config: Config) -> None:
     replicate = config.parallel.replicate_degree
     if replicate is not None and replicate <= 0:
         raise ElmError(f"parallel.replicate_degree: must be positive, got {replicate}")
-    if config.task == "lm":
+    if config.task in ("lm", "dpo"):
         sources = [k for k in ("preset", "spec", "init_from") if getattr(config.model, k)]
         if len(sources) != 1:
             raise ElmError("model: give exactly one of model.preset, model.spec or model.init_from"
                            + (f" (got {', '.join('model.' + s for s in sources)})" if sources else ""))
-        if (config.data.path is None) == (not config.data.synthetic):
-            raise ElmError("data: give exactly one of data.path (prepared tokens) or data.synthetic: true")
+    if config.task == "lm" and (config.data.path is None) == (not config.data.synthetic):
+        raise ElmError("data: give exactly one of data.path (prepared tokens) or data.synthetic: true")
+    if config.task == "dpo" and (config.data.path is not None or config.data.synthetic):
+        raise ElmError("data.path / data.synthetic: task dpo reads preference pairs from "
+                       "data.train and data.valid (JSONL files)")
+    if config.model.ref_model is not None and config.task != "dpo":
+        raise ElmError(f"model.ref_model: only task dpo has a reference model, not {config.task}")
 
 
 # Keys a resumed run must share with the checkpoint it continues: they shape the data order,

@@ -211,6 +211,25 @@ def wrap_model(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: t
     return model
 
 
+def wrap_frozen(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: torch.dtype,
+                replicate_degree: int | None = None) -> nn.Module:
+    """A model only run forward (a reference model): frozen, on the device; under FSDP sharded
+    per block like the trained model (each block gathered for its forward and freed after, as
+    no backward needs it again); under DDP a full replica, which has nothing to synchronise."""
+    model.requires_grad_(False).eval()
+    if not uses_fsdp(strategy) or (ctx.world_size == 1 and not ctx.distributed):
+        return model.to(ctx.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = build_mesh(ctx, strategy, replicate_degree)
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    model = model.to(ctx.device)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mixed, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mixed, reshard_after_forward=True)
+    return model
+
+
 def uses_fsdp(strategy: str) -> bool:
     return strategy in SHARDED_STRATEGIES
 

@@ -142,6 +142,8 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     if tc.compile:
         parallel.apply_compile(model)
     model = parallel.wrap_model(model, ctx, strategy, dtype, config.parallel.replicate_degree)
+    task.setup(lambda frozen: parallel.wrap_frozen(frozen, ctx, strategy, dtype,
+                                                   config.parallel.replicate_degree))
     autocast = (torch.autocast(ctx.device.type, dtype=dtype)
                 if dtype != torch.float32 and not parallel.uses_fsdp(strategy)
                 else contextlib.nullcontext())
@@ -233,9 +235,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                     window.pause(ctx)
                     valid = evaluate(task, model, ctx, tc.eval_batches, autocast)
                     if record:
-                        record["valid_loss"] = valid
+                        record.update(valid)
                     else:
-                        log.write({"event": "eval", "step": step, "valid_loss": valid})
+                        log.write({"event": "eval", "step": step, **valid})
                 if record:
                     log.write(record)
                     progress.update(step, record)
@@ -255,11 +257,12 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                     break
     finally:
         log.close()
-    valid_loss = None
+    valid: dict[str, float | None] = {"valid_loss": None}
     if not stopped and tc.eval_batches and task.has_split("valid"):
-        valid_loss = evaluate(task, model, ctx, tc.eval_batches, autocast)
+        valid = evaluate(task, model, ctx, tc.eval_batches, autocast)
+    valid_loss = valid["valid_loss"]
     log = MetricsLog(run_dir, ctx.is_main)
-    log.write({"event": "end", "step": step, "loss": last_loss, "valid_loss": valid_loss,
+    log.write({"event": "end", "step": step, "loss": last_loss, **valid,
                "checkpoint": str(last_saved) if last_saved else None,
                "stopped_by_signal": stopped, "world_size": ctx.world_size,
                "peak_memory_bytes": peak_memory_bytes(ctx.device)})
@@ -356,19 +359,22 @@ def _as_float(value: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, ctx: parallel.DistContext, batches: int,
-             autocast: Any) -> float:
-    """Mean loss over the first BATCHES batches of the held-out split (same on every rank)."""
+             autocast: Any) -> dict[str, float]:
+    """{"valid_<name>": mean} of the task's valid_metrics over the first BATCHES batches of the
+    held-out split (the same on every rank)."""
     loader = task.build_loader("valid", ctx.rank, ctx.world_size)
     limit = min(batches, loader.batches_per_epoch)
     model.eval()
-    total = torch.zeros((), device=ctx.device)
+    total = torch.zeros(len(task.valid_metrics), device=ctx.device)
     for _ in range(limit):
         batch = {k: v.to(ctx.device) for k, v in next(loader).items()}
         with autocast:
             _, parts = task.loss(model, batch)
-        total += torch.as_tensor(parts["loss"], dtype=torch.float32, device=ctx.device)
+        total += torch.stack([torch.as_tensor(parts[name], dtype=torch.float32, device=ctx.device)
+                              for name in task.valid_metrics])
     model.train()
-    return float(ctx.mean_across_ranks(total / limit))
+    means = ctx.mean_across_ranks(total / limit).tolist()
+    return {f"valid_{name}": mean for name, mean in zip(task.valid_metrics, means, strict=True)}
 
 
 class _Progress:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,13 @@ from support.training import (
     start_train,
     step_records,
     train_in_process,
+    wait_for,
     write_config,
 )
 
 from elm_train.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
-
-
-def wait_for(condition, process, timeout: float = 240.0, interval: float = 0.002) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"training exited early ({process.returncode}): "
-                                 f"{process.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the training process")
-        time.sleep(interval)
 
 
 def test_sigkill_then_resume_is_bitwise_exact(token_data: Path, tmp_path: Path) -> None:

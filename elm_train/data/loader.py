@@ -1,10 +1,8 @@
 """Batches of token windows from prepared shards, identical for any number of processes.
 
 A split is one token stream (its shards in index order) cut into non-overlapping windows of
-seq_len + 1 tokens. Each epoch orders the windows with a permutation seeded by (seed, epoch);
-global batch k is windows[k*G : (k+1)*G] with G = micro_batch_size * world_size, and rank r
-takes its micro_batch_size slice. The position (epoch, step) is the whole state, so a run
-resumes exactly, on any number of processes.
+seq_len + 1 tokens, taken in the order of `EpochOrder` (shuffled per epoch, the same global
+batches for any number of processes, resumable from (epoch, step)).
 """
 
 from __future__ import annotations
@@ -29,37 +27,21 @@ class TokenWindowLoader:
         self.data = data if isinstance(data, TokenData) else read_index(data)
         self.split = split
         self.window = seq_len + 1
-        self.micro_batch_size = micro_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
         shards = self.data.shards(split)
         self.arrays = [self.data.memmap(shard) for shard in shards]
         self.starts = np.cumsum([0] + [shard.tokens for shard in shards])
         self.num_windows = int(self.starts[-1]) // self.window
-        self.global_batch = micro_batch_size * world_size
-        self.batches_per_epoch = self.num_windows // self.global_batch
+        self.order = EpochOrder(self.num_windows, micro_batch_size, rank, world_size, seed, shuffle)
+        self.global_batch = self.order.global_batch
+        self.batches_per_epoch = self.order.batches_per_epoch
         if self.batches_per_epoch == 0:
             raise ElmError(
                 f"{self.data.directory / INDEX_FILE}: the {split!r} split has {int(self.starts[-1])} "
                 f"tokens, {self.num_windows} windows of seq_len+1 = {self.window}; a global batch "
                 f"needs {self.global_batch}")
-        self.epoch = 0
-        self.step = 0
-        self._order_epoch = -1
-        self._order = np.arange(self.num_windows)
 
     def __iter__(self) -> TokenWindowLoader:
         return self
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._order = rng.permutation(self.num_windows)
-            self._order_epoch = self.epoch
-        return self._order
 
     def _read_window(self, window: int) -> np.ndarray:
         start = window * self.window
@@ -76,20 +58,58 @@ class TokenWindowLoader:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        order = self._epoch_order()
-        begin = self.step * self.global_batch + self.rank * self.micro_batch_size
-        windows = order[begin: begin + self.micro_batch_size]
+        windows = self.order.next_indices()
         tokens = np.stack([self._read_window(int(w)) for w in windows]).astype(np.int64)
         if int(tokens.max()) >= self.data.vocab_size:
             raise ElmError(f"{self.data.directory}: the {self.split!r} shards hold token id "
                            f"{int(tokens.max())}, not below the vocab_size {self.data.vocab_size} "
                            f"of {INDEX_FILE} (shards and index do not match)")
+        batch = torch.from_numpy(tokens)
+        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
+
+
+class EpochOrder:
+    """Which items each rank takes: each epoch orders ITEMS with a permutation seeded by
+    (seed, epoch); global batch k is order[k*G : (k+1)*G] with G = micro_batch_size *
+    world_size, and rank r takes its micro_batch_size slice. (epoch, step) is the whole state,
+    so a loader built on it resumes exactly, on any number of processes."""
+
+    def __init__(self, items: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True):
+        self.items = items
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.global_batch = micro_batch_size * world_size
+        self.batches_per_epoch = items // self.global_batch
+        self.epoch = 0
+        self.step = 0
+        self._order_epoch = -1
+        self._order = np.arange(items)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.items)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's items of the next batch; the position moves on by one global batch."""
+        begin = self.step * self.global_batch + self.rank * self.micro_batch_size
+        indices = self._epoch_order()[begin: begin + self.micro_batch_size]
         self.step += 1
         if self.step == self.batches_per_epoch:
             self.epoch += 1
             self.step = 0
-        batch = torch.from_numpy(tokens)
-        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+        return indices
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed}

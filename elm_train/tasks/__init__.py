@@ -10,6 +10,7 @@ from elm_train.tasks.base import Task
 
 TASKS: dict[str, str] = {
     "lm": "elm_train.tasks.lm:LanguageModelTask",
+    "dpo": "elm_train.tasks.dpo:PreferenceTask",
     "catlip": "elm_train.catlip.task:CatLIPTask",
     "clip": "elm_train.catlip.task:CLIPTask",
 }

@@ -7,7 +7,7 @@ and implements the abstract methods. The rest have defaults a task overrides whe
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -40,6 +40,8 @@ class Task(abc.ABC):
     data_config: ClassVar[type | None] = None
     # What a batch is counted in: "tokens", or e.g. "images" (such tasks also log items_per_s).
     item_name: ClassVar[str] = "tokens"
+    # Parts of `loss` averaged over the held-out batches, logged as valid_<name>.
+    valid_metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
     def __init__(self, config: Any):
         self.config = config
@@ -52,6 +54,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
         """The initialised model on the CPU; the engine moves, casts and wraps it."""
+
+    def setup(self, wrap_frozen: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Called once the trained model is wrapped. WRAP_FROZEN(module) freezes a module that is
+        only run forward (a reference model), moves it to the device and, under FSDP, shards it
+        as the trained model is. Nothing to do by default."""
+        return None
 
     @abc.abstractmethod
     def build_loader(self, split: str, rank: int, world_size: int) -> BatchLoader:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -65,6 +66,20 @@ def start_train(config: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "apps", "train", str(config), *overrides],
                             env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0,
+             interval: float = 0.002) -> None:
+    """Poll CONDITION() until true; fail if the training PROCESS exits or TIMEOUT passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode}): "
+                                 f"{process.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(interval)
 
 
 def step_records(run_dir: Path) -> list[dict]:
