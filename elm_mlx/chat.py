@@ -8,16 +8,17 @@ glue) goes through the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from elm_mlx.generate import encode_messages, stream_generate
+from elm_mlx.prompt_cache import reuse_prefix
 from elm_spec import ElmError
 
 
@@ -36,6 +37,8 @@ class ChatSession:
     system_prompt: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # stream_generate's sampling options
     draft_model: nn.Module | None = None
+    # where each conversation starts: a saved (cache, the tokens it holds); None: empty
+    start: Callable[[], tuple[list[Any], list[int]]] | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     cache: list[Any] = field(init=False)
     cached: list[int] = field(default_factory=list)  # the tokens the cache holds
@@ -45,11 +48,24 @@ class ChatSession:
             # mlx-lm's speculative decoding quantizes copies of the cache it was given, so the
             # cache kept across turns would stop following the conversation
             raise ElmError("--kv-bits does not combine with --draft-model in a chat")
+        if self.draft_model is not None and self.start is not None:
+            raise ElmError("--prompt-cache-file does not combine with --draft-model (the file "
+                           "holds no cache for the draft)")
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation (the system prompt stays) and empty the cache."""
+        """Forget the conversation (the system prompt stays) and empty the cache (back to the
+        saved one, if the session starts from one)."""
         self.messages = []
+        self._fresh_cache()
+
+    def _fresh_cache(self) -> None:
+        if self.start is not None:
+            self.cache, self.cached = self.start()
+        else:
+            self._empty_cache()
+
+    def _empty_cache(self) -> None:
         self.cache = make_prompt_cache(self.model)
         if self.draft_model is not None:
             self.cache += make_prompt_cache(self.draft_model)
@@ -61,19 +77,10 @@ class ChatSession:
 
     def _reuse(self, ids: list[int]) -> list[int]:
         """Trim the cache to its longest prefix shared with IDS; return the tokens to prefill."""
-        common = 0
-        for cached, new in zip(self.cached, ids, strict=False):
-            if cached != new:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # the last prompt token is always fed
-        if common < len(self.cached):
-            if not can_trim_prompt_cache(self.cache):
-                self.cache = make_prompt_cache(self.model) + (
-                    make_prompt_cache(self.draft_model) if self.draft_model is not None else [])
-                common = 0
-            else:
-                trim_prompt_cache(self.cache, len(self.cached) - common)
+        common = reuse_prefix(self.cache, self.cached, ids)
+        if common is None:  # a cache that cannot be trimmed: start afresh
+            self._empty_cache()
+            common = 0
         self.cached = ids[:common]
         return ids[common:]
 

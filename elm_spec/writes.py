@@ -93,6 +93,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside PATH (ending in SUFFIX) for a writer to fill; renamed onto PATH
+    when the block completes, removed if it fails."""
+    path = Path(path)
+    with writing(path):
+        make_parents(path)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
+        temporary = Path(name)
+        try:
+            yield temporary
+            os.chmod(temporary, 0o666 & ~current_umask())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+
 def make_parents(path: str | os.PathLike[str]) -> None:
     """Create the directories above PATH; one ElmError line naming the file in the way when a
     component of the path is a file."""

@@ -142,7 +142,7 @@ def test_bad_kv_flags_are_one_error_line(target: Path, make_model_dir, capsys) -
 def chat_target(target: Path, tmp_path_factory) -> Path:
     from support.chat import with_template
 
-    from elm_mlx.lora.data import shipped_chat_template
+    from elm_spec.chat_template import shipped_chat_template
 
     return with_template(target, tmp_path_factory.mktemp("chat") / "model", shipped_chat_template())
 
@@ -197,3 +197,124 @@ def test_chat_refuses_kv_bits_with_a_draft(chat_target: Path, capsys, monkeypatc
     code, _, err = run_cli(capsys, "chat", "--model", str(chat_target), "--draft-model",
                            str(chat_target), "--kv-bits", "8", "--kv-group-size", "32")
     assert code == 1 and err.count("\n") == 1 and "--kv-bits" in err and "--draft-model" in err
+
+
+PREFIX, REST = PROMPT.split("\n", 1)[0] + "\n", PROMPT.split("\n", 1)[1]
+
+
+def count(out: str, label: str) -> int:
+    return int(out.split(f"{label}: ")[1].split()[0])
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_a_saved_prompt_cache_gives_the_same_tokens_prefilling_only_new_ones(
+        target: Path, tmp_path: Path, capsys) -> None:
+    from mlx_lm.models.cache import load_prompt_cache
+
+    saved = tmp_path / "prefix.safetensors"
+    out = stats(capsys, "--model", str(target), "--prompt", PREFIX, "--max-tokens", "3",
+                "--save-prompt-cache", str(saved))
+    _, tokenizer = load(target)
+    prefix_ids = encode_prompt(tokenizer, PREFIX)
+    assert f"Prompt cache saved: {saved} ({len(prefix_ids)} tokens)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [saved.name]  # no temporary left
+    cache, metadata = load_prompt_cache(str(saved), return_metadata=True)  # mlx-lm reads it
+    assert metadata["model"] == str(target) and cache[0].offset == len(prefix_ids)
+
+    whole = generated_text(capsys, "--model", str(target))
+    assert generated_text(capsys, "--model", str(target), "--prompt", REST,
+                          "--prompt-cache-file", str(saved)) == whole
+    out = stats(capsys, "--model", str(target), "--prompt", REST, "--prompt-cache-file", str(saved))
+    full_ids = encode_prompt(tokenizer, PROMPT)
+    reused = common_prefix(prefix_ids, full_ids)
+    assert 0 < reused < len(full_ids)
+    assert count(out, "Prompt") == len(full_ids) - reused
+    assert f"Prompt cache: {reused} tokens reused from {saved}" in out
+
+
+def test_a_prompt_cache_of_another_model_is_one_error_line(target: Path, small_draft: Path,
+                                                           make_model_dir, tmp_path: Path,
+                                                           capsys) -> None:
+    saved = tmp_path / "cache.safetensors"
+    stats(capsys, "--model", str(target), "--prompt", PREFIX, "-m", "1", "--save-prompt-cache",
+          str(saved))
+    twin = make_model_dir(ModelSpec.from_preset("elm-tiny").replace(head_dim=32), seed=4)
+    for other in (small_draft, twin):  # other layers; the same layers with other weights
+        code, out, err = run_cli(capsys, "generate", "--model", str(other), "--prompt", REST,
+                                 "--prompt-cache-file", str(saved))
+        assert code == 1 and err.count("\n") == 1 and err.startswith(f"error: {saved}: "), err
+        assert "made for another model" in err and "=" * 10 not in out
+    for flags, named in ((["--prompt-cache-file", str(tmp_path / "absent.safetensors")],
+                          "no such file"),
+                         (["--prompt-cache-file", str(tmp_path / "cache.bin")], "must end in"),
+                         (["--prompt-cache-file", str(target / "model.safetensors")],
+                          "not a prompt cache file"),
+                         (["--prompt-cache-file", str(saved), "--draft-model", str(target)],
+                          "--draft-model"),
+                         (["--save-prompt-cache", str(saved), "--max-kv-size", "64"],
+                          "--max-kv-size"),
+                         (["--prompt-cache-file", str(saved), "--kv-bits", "8",
+                           "--kv-group-size", "32", "--quantized-kv-start", "0",
+                           "--save-prompt-cache", str(tmp_path / "q.safetensors")], None)):
+        code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", REST,
+                               *flags)
+        if named is None:  # a quantized cache, then refused with other KV settings
+            assert code == 0, err
+            code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", REST,
+                                   "--prompt-cache-file", str(tmp_path / "q.safetensors"),
+                                   "--kv-bits", "4", "--kv-group-size", "32")
+            named = "quantized to 8 bits"
+        assert code == 1 and err.count("\n") == 1 and named in err, err
+
+
+def test_a_cache_made_by_mlx_lm_cache_prompt(target: Path, tmp_path: Path, capsys,
+                                            monkeypatch) -> None:
+    from mlx_lm import cache_prompt
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+    from mlx_lm.models.cache import load_prompt_cache
+
+    saved = tmp_path / "mlx-lm.safetensors"
+    monkeypatch.setattr("sys.argv", ["cache_prompt", "--model", str(target), "--prompt", PREFIX,
+                                     "--prompt-cache-file", str(saved)])
+    cache_prompt.main()
+    capsys.readouterr()
+    out = stats(capsys, "--model", str(target), "--prompt", REST, "--prompt-cache-file", str(saved))
+    peer, peer_tokenizer = mlx_lm_load(str(target), tokenizer_config={"trust_remote_code": False})
+    rest = peer_tokenizer.encode(REST, add_special_tokens=False)
+    expected = "".join(r.text for r in mlx_lm_stream_generate(
+        peer, peer_tokenizer, rest, max_tokens=int(TOKENS), prompt_cache=load_prompt_cache(str(saved))))
+    assert out.split("=" * 10 + "\n")[1] == expected + "\n"
+    assert count(out, "Prompt") == len(rest)
+    code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", REST,
+                           "--prompt-cache-file", str(saved), "--save-prompt-cache",
+                           str(tmp_path / "more.safetensors"))
+    assert code == 1 and "mlx_lm.cache_prompt" in err and err.count("\n") == 1, err
+
+
+def test_chat_starts_from_a_saved_prompt_cache(chat_target: Path, tmp_path: Path, capsys,
+                                               monkeypatch) -> None:
+    system = "You answer in Python. " * 4
+    saved = tmp_path / "system.safetensors"
+    stats(capsys, "--model", str(chat_target), "--system-prompt", system, "--prompt", "",
+          "-m", "1", "--save-prompt-cache", str(saved))
+    plain = chat(capsys, monkeypatch, "def f(x):\n/reset\ndef f(x):\n", "--model",
+                 str(chat_target), "--system-prompt", system)
+    cached = chat(capsys, monkeypatch, "def f(x):\n/reset\ndef f(x):\n", "--model",
+                  str(chat_target), "--system-prompt", system, "--prompt-cache-file", str(saved))
+    assert cached[0] == plain[0]
+    _, tokenizer = load(chat_target)
+    held = encode_prompt(tokenizer, "", True, system)
+    turn = encode_prompt(tokenizer, "def f(x):", True, system)
+    reused = common_prefix(held, turn)
+    assert reused > 20
+    for line in cached[1]:  # after /reset too: the conversation starts from the file again
+        assert line.startswith(f"[prompt {len(turn)} tokens: {len(turn) - reused} prefilled, "
+                               f"{reused} from the cache;"), line
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n"))
+    code, _, err = run_cli(capsys, "chat", "--model", str(chat_target), "--prompt-cache-file",
+                           str(saved), "--draft-model", str(chat_target))
+    assert code == 1 and err.count("\n") == 1 and "--draft-model" in err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,10 +16,39 @@ from apps.commands.generate import (
     KV_GROUP_SIZE_HELP,
     NUM_DRAFT_TOKENS_HELP,
     QUANTIZED_KV_START_HELP,
+    check_prompt_cache_flags,
 )
 from apps.process import keep_torch_out
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit"
+
+
+def saved_start(path: Path, model: Any, model_name: Path, adapter_path: Path | None,
+                kv_bits: int | None, kv_group_size: int) -> Callable[[], tuple[list, list[int]]]:
+    """Where each conversation starts: the cache in PATH (read again at each /reset), which
+    must record the tokens it holds, as elm's do."""
+    from elm_mlx import prompt_cache
+    from elm_spec import ElmError
+    from elm_spec.hub import resolve
+
+    model_dir = resolve(model_name)
+    adapter_dir = None if adapter_path is None else resolve(adapter_path)
+
+    def read() -> tuple[list, list[int]]:
+        saved = prompt_cache.load(path, model, model_name, model_dir, adapter_dir, kv_bits,
+                                  kv_group_size)
+        if saved.tokens is None:
+            raise ElmError(f"--prompt-cache-file {path}: made by mlx_lm.cache_prompt, it does not "
+                           "record the tokens it holds; make one with elm generate "
+                           "--save-prompt-cache")
+        return saved.cache, saved.tokens
+
+    first = [read()]  # refused now, not at the first /reset
+
+    def start() -> tuple[list, list[int]]:
+        return first.pop() if first else read()
+
+    return start
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +70,9 @@ def register(app: typer.Typer) -> None:
         kv_group_size: int = typer.Option(64, "--kv-group-size", help=KV_GROUP_SIZE_HELP),
         quantized_kv_start: int = typer.Option(5000, "--quantized-kv-start",
                                                help=QUANTIZED_KV_START_HELP),
+        prompt_cache_file: Path = typer.Option(
+            None, "--prompt-cache-file", help="Start every conversation from a prompt cache saved "
+            "by elm generate --save-prompt-cache (reused as far as the conversation agrees)."),
         verbose: bool = typer.Option(False, "--verbose", help="After each answer, print how many "
                                      "prompt tokens were prefilled and how many came from the cache."),
     ) -> None:
@@ -64,12 +98,17 @@ def register(app: typer.Typer) -> None:
         if draft_model is not None:
             check_draft_options(num_draft_tokens)
             options["num_draft_tokens"] = num_draft_tokens
+        check_prompt_cache_flags(prompt_cache_file, draft_model=draft_model)
         mlx_model, tokenizer = load(model, adapter_path=adapter_path, chat_template=chat_template)
         if not tokenizer.has_chat_template:
             raise ElmError(NO_TEMPLATE_ADVICE)
         check_kv_options(kv_bits, kv_group_size, quantized_kv_start, mlx_model.spec.head_dim)
         draft = None if draft_model is None else load_draft(draft_model, model, mlx_model, tokenizer)
-        session = ChatSession(mlx_model, tokenizer, system_prompt, options, draft)
+        start = None
+        if prompt_cache_file is not None:
+            start = saved_start(prompt_cache_file, mlx_model, model, adapter_path, kv_bits,
+                                kv_group_size)
+        session = ChatSession(mlx_model, tokenizer, system_prompt, options, draft, start)
         interactive = sys.stdin.isatty()
         if interactive:
             print(HELP)
