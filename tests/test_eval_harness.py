@@ -213,3 +213,17 @@ def test_elm_model_scores_as_lm_eval_hf_model_does(add_bos_token, harness_setup)
              for i, (c, x) in enumerate([("def main(", "):"), ("", " import os"), ("a ", " b")])]
     expected = [lp for lp, _ in hf.loglikelihood(pairs, disable_tqdm=True)]
     assert [lp for lp, _ in ours.loglikelihood(pairs, disable_tqdm=True)] == pytest.approx(expected, abs=1e-3)
+
+
+def test_harness_task_whose_data_set_is_out_of_reach_is_one_line(harness_setup, tmp_path):
+    """Offline, a stock lm-eval task (its data set on the Hub, not in the cache) gets one line
+    saying how to fill the cache or score the task from local files, not a traceback."""
+    from support.cli import one_line_failure, run_elm
+
+    model_dir = harness_setup[0]
+    result = run_elm("eval", "harness", "--model", "elm", "--model_args",
+                     f"pretrained={model_dir},backend=torch", "--tasks", "arc_easy",
+                     env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                          "HF_DATASETS_CACHE": str(tmp_path / "empty-cache")})
+    one_line_failure(result, "lm-eval cannot fetch a task's data set", "allenai/ai2_arc",
+                     "elm eval tasks --data-dir DIR")

@@ -12,6 +12,7 @@ import typer
 
 from apps.process import keep_torch_out
 from elm_spec import ElmError
+from elm_spec.errors import first_line
 
 eval_app = typer.Typer(help="Evaluate a model: perplexity, zero-shot tasks, lm-eval-harness.",
                        no_args_is_help=True)
@@ -138,4 +139,11 @@ def harness(context: typer.Context) -> None:
     except ImportError as error:
         raise ElmError(f"lm-eval-harness is not installed ({error}); pip install 'elm[eval]'") from None
     sys.argv = ["lm-eval", *context.args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ConnectionError as error:  # datasets' "Couldn't reach ..." and the Hub's offline mode
+        raise ElmError(f"lm-eval cannot fetch a task's data set ({first_line(error)}): run once "
+                       "where the Hub is reachable to fill the datasets cache (then "
+                       "HF_DATASETS_OFFLINE=1 works offline), or score the same tasks from "
+                       "local JSONL files with `elm eval tasks --data-dir DIR` (docs/eval.md)"
+                       ) from None
