@@ -13,6 +13,8 @@ TRAIN_DTYPES = ("bfloat16", "float32")
 # train.activation_checkpointing: recompute nothing, all but the matmul and attention outputs
 # (torchtitan's per-op policy), or each whole block.
 AC_MODES = ("none", "selective", "full")
+# train.float8: off, or torchao's recipes (scales per tensor, or per row: more accurate, slower).
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 # The aten ops whose outputs selective checkpointing keeps (the expensive ones to recompute);
 # names missing from the running torch are skipped.
 SELECTIVE_AC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",

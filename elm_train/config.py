@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
-from elm_spec.names import AC_MODES, ATTENTION_KINDS, STRATEGIES, TRAIN_DTYPES
+from elm_spec.names import AC_MODES, ATTENTION_KINDS, FLOAT8_RECIPES, STRATEGIES, TRAIN_DTYPES
 from elm_spec.settings import (
     aliased,
     build_dataclass,
@@ -80,6 +80,8 @@ class TrainSection:
     compile: bool = False
     # none | selective | full (docs/train.md); `true`/`false` of older configs read as full/none.
     activation_checkpointing: str = aliased("none", {True: "full", False: "none"})
+    # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; GPUs of SM 8.9+).
+    float8: str = "none"
     device: str = "auto"
     # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else (from `elm train`) the
     # cores the load average leaves idle.
@@ -137,7 +139,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS, "model.attention": ATTENTION_KINDS, "train.dtype": TRAIN_DTYPES, "train.device": DEVICES,
-    "train.activation_checkpointing": AC_MODES,
+    "train.activation_checkpointing": AC_MODES, "train.float8": FLOAT8_RECIPES,
     "parallel.strategy": STRATEGIES, "optim.implementation": ADAMW_IMPLEMENTATIONS,
 }
 POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps",

@@ -24,7 +24,7 @@ from elm_spec import ElmError
 from elm_spec.errors import first_line
 from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.writes import writing
-from elm_train import parallel
+from elm_train import float8, parallel
 from elm_train.batch_plan import plan_batch
 from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, TrainSection, check_resumable, dump_config
@@ -129,6 +129,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     tc = config.train
+    float8.check_float8(tc.float8, ctx.device)
     if tc.threads and ctx.device.type == "cpu":
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -138,6 +139,8 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     strategy = config.parallel.strategy
 
     model = task.build_model()
+    if tc.float8 != "none":
+        float8.convert_to_float8(model, tc.float8)
     parallel.apply_activation_checkpointing(model, tc.activation_checkpointing)
     if tc.compile:
         parallel.apply_compile(model)
@@ -177,7 +180,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         log = MetricsLog(run_dir, ctx.is_main, config.log.tensorboard, resume_step=start_step)
         if ctx.is_main:
             (run_dir / "train_config.yaml").write_text(config_text)
-    peak = peak_flops(ctx.device, dtype, config.log.peak_flops, warn=ctx.is_main)
+    # float8 runs are measured against the GPU's float8 peak.
+    peak = peak_flops(ctx.device, dtype, config.log.peak_flops,
+                      precision="bf16" if tc.float8 == "none" else "fp8", warn=ctx.is_main)
     flops_per_item = task.flops_per_item()
     token_task = task.item_name == "tokens"
 

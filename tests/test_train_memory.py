@@ -107,3 +107,64 @@ def test_unknown_checkpointing_mode_is_named() -> None:
                                        r"none, selective, full"):
         load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True}},
                     overrides=["train.activation_checkpointing=some"])
+
+
+# ----- float8 ---------------------------------------------------------------------------------
+def test_float8_on_the_cpu_is_refused_before_anything_is_built(tmp_path) -> None:
+    from elm_train.trainer import train
+
+    config = load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True},
+                               "train": {"float8": "rowwise", "device": "cpu", "dtype": "float32"},
+                               "log": {"run_dir": str(tmp_path / "run")}})
+    with pytest.raises(ElmError) as raised:
+        train(config)
+    assert str(raised.value) == (
+        "train.float8: 'rowwise' needs a CUDA GPU of compute capability 8.9 or newer (Ada, "
+        "Hopper, Blackwell); this run is on the CPU; set train.float8=none")
+    assert not (tmp_path / "run").exists()
+
+
+def test_float8_on_an_older_gpu_or_without_torchao_is_refused(monkeypatch) -> None:
+    import sys
+
+    from elm_train.float8 import check_float8
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ElmError, match=r"^train.float8: NVIDIA A100-SXM4-80GB has compute "
+                                       r"capability 8.0; float8 matmuls need 8.9 or newer"):
+        check_float8("tensorwise", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(ElmError, match=r"^train.float8: needs the torchao package"):
+        check_float8("tensorwise", cuda)
+    check_float8("none", torch.device("cpu"))  # off: nothing is checked
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_swaps_the_block_linears_and_keeps_the_weights(recipe: str) -> None:
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from elm_train.float8 import convert_to_float8
+
+    reference = tiny_model()
+    model = copy.deepcopy(reference)
+    assert convert_to_float8(model, recipe) == 4 * len(model.layers)  # qkv, out, proj_1, proj_2
+    for block in model.layers:
+        assert {type(m) for m in block.modules() if isinstance(m, torch.nn.Linear)} == {Float8Linear}
+    assert not isinstance(model.transformer.token_embeddings, Float8Linear)
+    before, after = reference.state_dict(), model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # torch runs float8 matmuls on this CPU too: each layer computes its Linear to float8
+    # precision (e4m3 keeps 3 mantissa bits: a few percent per product).
+    x = torch.randn(2, 8, model.spec.model_dim, generator=torch.Generator().manual_seed(2))
+    for layer in (model.layers[0].attn.qkv_proj, model.layers[-1].ffn.proj_1):
+        exact = F.linear(x, layer.weight)
+        assert 0 < (layer(x) - exact).norm() / exact.norm() < 0.08
+    ids = torch.randint(0, model.spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    model(ids).float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
