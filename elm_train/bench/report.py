@@ -25,8 +25,39 @@ SATURATION_GAIN = 0.10
 @dataclass(frozen=True)
 class Finding:
     claim: str
-    verdict: str   # "holds" | "does not hold" | "not measured"
+    verdict: str   # "holds" | "does not hold" | "inconclusive" | "not measured"
     evidence: str
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A cell's Token/$ (or a ratio of two), with the range its repeats span."""
+    value: float
+    low: float
+    high: float
+
+    def over(self, other: Measure) -> Measure:
+        return Measure(self.value / other.value, self.low / other.high, self.high / other.low)
+
+    def apart_from(self, other: Measure) -> bool:
+        """The ranges do not overlap: the repeats' spread cannot account for the difference."""
+        return self.low > other.high or other.low > self.high
+
+    def excludes(self, threshold: float) -> bool:
+        return not self.low <= threshold <= self.high
+
+    def text(self, unit: str = "x") -> str:
+        value = f"{self.value:.2f}{unit}" if unit else si(self.value)
+        if self.high - self.low <= 1e-9 * abs(self.value):
+            return value
+        low, high = (f"{v:.2f}" if unit else si(v) for v in (self.low, self.high))
+        return f"{value} ({low}-{high})"
+
+
+def verdict(holds: bool, conclusive: bool) -> str:
+    if not conclusive:
+        return "inconclusive"
+    return "holds" if holds else "does not hold"
 
 
 def si(value: float | None, digits: int = 3) -> str:
@@ -42,15 +73,31 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value / 1024**3:.2f} GiB"
 
 
-def ratio_text(ratios: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items())
+def ratio_text(ratios: dict[str, Measure]) -> str:
+    return ", ".join(f"{name} {value.text()}" for name, value in ratios.items())
 
 
-def best_value(rows: list[Row], **where: Any) -> float | None:
-    values = [r["tokens_per_dollar"] for r in rows
-              if all(r.get(k) == v if not isinstance(v, tuple) else r.get(k) in v
-                     for k, v in where.items())]
-    return max(values) if values else None
+def measure(row: Row) -> Measure:
+    """Token/$ of ROW, spanning its slowest to its fastest repeat."""
+    repeats = row.get("tokens_per_s_repeats") or [row["tokens_per_s"]]
+    per_token_per_s = row["tokens_per_dollar"] / row["tokens_per_s"]
+    return Measure(row["tokens_per_dollar"], min(repeats) * per_token_per_s,
+                   max(repeats) * per_token_per_s)
+
+
+def spread(row: Row) -> str:
+    """The range of a cell's repeats relative to their mean, as the raw table shows it."""
+    repeats = row.get("tokens_per_s_repeats") or []
+    if len(repeats) < 2:
+        return "-"
+    return f"{(max(repeats) - min(repeats)) / statistics.fmean(repeats):.0%}"
+
+
+def best_value(rows: list[Row], **where: Any) -> Measure | None:
+    matching = [r for r in rows
+                if all(r.get(k) == v if not isinstance(v, tuple) else r.get(k) in v
+                       for k, v in where.items())]
+    return measure(max(matching, key=lambda r: r["tokens_per_dollar"])) if matching else None
 
 
 # ----- the study's findings -------------------------------------------------------------------
@@ -63,14 +110,13 @@ def flash_finding(rows: list[Row]) -> Finding:
         eager, fast = best_value(rows, model=model, attention="eager"), best_value(
             rows, model=model, attention=fused)
         if eager and fast:
-            speedups[model] = fast / eager
+            speedups[model] = fast.over(eager)
     if len(speedups) < 2:
         return Finding(claim, "not measured", f"needs eager and {fused} attention for two or more "
                        f"model sizes; measured for {len(speedups)}")
-    names = list(speedups)
-    holds = speedups[names[0]] > speedups[names[-1]]
+    smallest, largest = speedups[next(iter(speedups))], speedups[list(speedups)[-1]]
     note = "" if fused == "flash" else " (flash was not measured; sdpa, the fused kernel, stands in)"
-    return Finding(claim, "holds" if holds else "does not hold",
+    return Finding(claim, verdict(smallest.value > largest.value, smallest.apart_from(largest)),
                    f"best Token/$ of {fused} over eager, smallest to largest model: "
                    f"{ratio_text(speedups)}{note}")
 
@@ -88,10 +134,12 @@ def gpu_type_finding(rows: list[Row]) -> Finding:
                        "the claim needs two or more")
     best = {gpu: best_value(gpu_rows, model=smallest, gpu_type=gpu) for gpu in prices}
     cheapest = min(prices, key=prices.get)
-    beaten_by = [gpu for gpu in prices if best[gpu] > best[cheapest]]
+    beaten_by = [gpu for gpu in prices if best[gpu].value > best[cheapest].value]
+    conclusive = all(best[gpu].apart_from(best[cheapest]) for gpu in prices if gpu != cheapest)
     evidence = (f"{smallest}: best Token/$ " + ", ".join(
-        f"{gpu} {si(best[gpu])} (price {prices[gpu]:g}/h)" for gpu in sorted(prices, key=prices.get)))
-    return Finding(claim, "does not hold" if beaten_by else "holds", evidence)
+        f"{gpu} {best[gpu].text('')} (price {prices[gpu]:g}/h)"
+        for gpu in sorted(prices, key=prices.get)))
+    return Finding(claim, verdict(not beaten_by, conclusive), evidence)
 
 
 def ddp_small_finding(rows: list[Row]) -> Finding:
@@ -102,10 +150,11 @@ def ddp_small_finding(rows: list[Row]) -> Finding:
         sharded = {s: best_value(multi, model=model, strategy=s) for s in FSDP}
         sharded = {s: v for s, v in sharded.items() if v}
         if ddp and sharded:
-            holds = all(ddp >= v for v in sharded.values())
-            return Finding(claim, "holds" if holds else "does not hold",
-                           f"{model} on 2+ devices, best Token/$: ddp {si(ddp)}, " + ", ".join(
-                               f"{s} {si(v)}" for s, v in sharded.items()))
+            holds = all(ddp.value >= v.value for v in sharded.values())
+            conclusive = all(ddp.apart_from(v) for v in sharded.values())
+            return Finding(claim, verdict(holds, conclusive),
+                           f"{model} on 2+ devices, best Token/$: ddp {ddp.text('')}, " + ", ".join(
+                               f"{s} {v.text('')}" for s, v in sharded.items()))
     return Finding(claim, "not measured", "needs ddp and fsdp cells on two or more devices")
 
 
@@ -125,12 +174,14 @@ def fsdp_large_finding(rows: list[Row], all_rows: list[Row]) -> Finding:
                  if b >= statistics.median(sorted(fsdp_batches | ddp_batches))]
         ddp = best_value(model_rows, strategy="ddp", batch_size=tuple(large))
         fsdp = best_value(model_rows, strategy=FSDP, batch_size=tuple(large))
-        holds = bool(ddp_oom) or (fsdp or 0) > (ddp or 0)
         evidence = (f"{model} at batch >= {min(large)} on 2+ devices, best Token/$: fsdp family "
-                    f"{si(fsdp)}, ddp {si(ddp)}")
+                    f"{fsdp.text('') if fsdp else '-'}, ddp {ddp.text('') if ddp else '-'}")
         if ddp_oom:
             evidence += f"; ddp ran out of memory at batch {ddp_oom} where fsdp ran"
-        return Finding(claim, "holds" if holds else "does not hold", evidence)
+            return Finding(claim, "holds", evidence)
+        if not (ddp and fsdp):
+            return Finding(claim, "does not hold" if ddp else "holds", evidence)
+        return Finding(claim, verdict(fsdp.value > ddp.value, fsdp.apart_from(ddp)), evidence)
     return Finding(claim, "not measured", "needs ddp and fsdp cells of one model on two or more devices")
 
 
@@ -139,16 +190,18 @@ def grad_op_finding(rows: list[Row]) -> Finding:
     def setting(r: Row) -> tuple:
         return (r["model"], r["batch_size"], r["attention"], r["world_size"], r["nodes"],
                 r["seq_len"], r["dtype"], r["gpu_type"])
-    full = {setting(r): r["tokens_per_dollar"] for r in rows if r["strategy"] == "fsdp"}
-    ratios = [r["tokens_per_dollar"] / full[setting(r)] for r in rows
+    full = {setting(r): measure(r) for r in rows if r["strategy"] == "fsdp"}
+    ratios = [measure(r).over(full[setting(r)]) for r in rows
               if r["strategy"] == "fsdp-grad-op" and setting(r) in full]
     if not ratios:
         return Finding(claim, "not measured", "needs fsdp and fsdp-grad-op cells with the same "
                        "other settings")
-    wins = sum(ratio > 1 for ratio in ratios)
-    return Finding(claim, "holds" if wins > len(ratios) / 2 else "does not hold",
-                   f"fsdp-grad-op has the higher Token/$ in {wins} of {len(ratios)} matched cells "
-                   f"(median ratio {statistics.median(ratios):.2f}x)")
+    decided = [ratio for ratio in ratios if ratio.excludes(1.0)]
+    wins = sum(ratio.value > 1 for ratio in decided)
+    return Finding(claim, verdict(wins > len(decided) / 2, bool(decided)),
+                   f"fsdp-grad-op has the higher Token/$ in {wins} of {len(decided)} matched cells "
+                   f"whose repeats do not overlap ({len(ratios)} matched; median ratio "
+                   f"{statistics.median(r.value for r in ratios):.2f}x)")
 
 
 def saturation_finding(rows: list[Row]) -> Finding:
@@ -160,19 +213,28 @@ def saturation_finding(rows: list[Row]) -> Finding:
         if len(batches) < 3:
             continue
         last, before = best[batches[-1]], best[batches[-2]]
-        gains[model] = last["tokens_per_dollar"] / before["tokens_per_dollar"] - 1
+        gains[model] = measure(last).over(measure(before))
         if last.get("peak_memory_bytes") and last.get("device_memory_bytes"):
             notes.append(f"{model} at batch {batches[-1]} uses "
                          f"{last['peak_memory_bytes'] / last['device_memory_bytes']:.0%} of memory")
     if not gains:
         return Finding(claim, "not measured", "needs three or more batch sizes of one model")
-    holds = all(gain < SATURATION_GAIN for gain in gains.values())
+    threshold = 1 + SATURATION_GAIN
+    holds = all(gain.value < threshold for gain in gains.values())
+    conclusive = all(gain.excludes(threshold) for gain in gains.values())
     evidence = ("Token/$ gained by the last batch doubling (the study: little gain while memory "
                 f"is left; threshold {SATURATION_GAIN:.0%}): "
-                + ", ".join(f"{m} {g:+.1%}" for m, g in gains.items()))
+                + ", ".join(f"{m} {gain_text(g)}" for m, g in gains.items()))
     if notes:
         evidence += "; " + "; ".join(notes)
-    return Finding(claim, "holds" if holds else "does not hold", evidence)
+    return Finding(claim, verdict(holds, conclusive), evidence)
+
+
+def gain_text(ratio: Measure) -> str:
+    text = f"{ratio.value - 1:+.1%}"
+    if ratio.high - ratio.low > 1e-9:
+        text += f" ({ratio.low - 1:+.0%} to {ratio.high - 1:+.0%})"
+    return text
 
 
 def findings(rows: list[Row]) -> list[Finding]:
@@ -249,7 +311,7 @@ def raw_table(rows: list[Row]) -> list[str]:
         error = (r.get("error") or "").replace("|", "/")
         return [r["model"], str(r["batch_size"]), r["attention"], r["strategy"],
                 f"{r['nodes']}x{r['gpus']}", str(r["seq_len"]), r["dtype"], r["status"],
-                si(r.get("tokens_per_s")), si(r.get("tokens_per_s_per_device")),
+                si(r.get("tokens_per_s")), spread(r), si(r.get("tokens_per_s_per_device")),
                 "-" if r.get("step_time_s") is None else f"{r['step_time_s']:.4g}",
                 gib(r.get("peak_memory_bytes")),
                 "-" if r.get("mfu") is None else f"{r['mfu']:.1%}", r["gpu_type"],
@@ -257,7 +319,7 @@ def raw_table(rows: list[Row]) -> list[str]:
                 "-" if r.get("loss_reached") is None else f"{r['loss_reached']:.3f}",
                 error[:80]]
     return markdown_table(["model", "batch", "attention", "strategy", "nodes x gpus", "seq",
-                           "dtype", "status", "tokens/s", "per device", "step s", "peak memory",
+                           "dtype", "status", "tokens/s", "spread", "per device", "step s", "peak memory",
                            "MFU", "device", "Token/$", "loss", "error"],
                           [cells(r) for r in rows])
 
@@ -270,7 +332,9 @@ def render(rows: list[Row], figures: dict[str, str | None], target_loss: float |
              f"{len(rows)} cells: {statuses['ok']} measured, {statuses['oom']} out of memory, "
              f"{statuses['failed']} failed. Devices: {', '.join(devices)}. Token/$ is tokens per "
              f"{currency} (tokens/s x 3600 / price per hour of all devices in the cell); each "
-             "cell's tokens/s is the mean of its repeats after the warm-up steps.", "",
+             "cell's tokens/s is the mean of its repeats after the warm-up steps, and its spread "
+             "the range of the repeats relative to that mean. A finding is inconclusive where "
+             "the repeats' ranges overlap enough to account for the difference it rests on.", "",
              "## Best configuration per model size", "", *best_per_model(rows), "",
              "## The study's findings, checked", ""]
     for number, finding in enumerate(findings(rows), start=1):
