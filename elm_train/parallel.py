@@ -160,10 +160,65 @@ def _selective_saved_ops() -> frozenset:
                      if hasattr(torch.ops.aten, name))
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block (one graph reused by every block of the same shape)."""
-    for block in transformer_blocks(model):
-        block.compile(fullgraph=True)
+# Graphs one block shape needs: training (grad on, train mode) and evaluation (no_grad, eval mode).
+GRAPHS_PER_SHAPE = 2
+
+
+def block_shape(block: nn.Module) -> tuple:
+    """What dynamo specialises a block's graph on: its class and its parameters' shapes and
+    dtypes (parameter shapes are static guards, so each distinct shape is its own graph)."""
+    return (type(block).__name__, *((name, tuple(p.shape), p.dtype)
+                                    for name, p in block.named_parameters()))
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each block as one graph; blocks of the same shape share it. Returns the
+    number of distinct block shapes (the graphs a training step compiles). BACKEND: dynamo's
+    backend (tests and benchmarks count graphs with "eager" or "aot_eager").
+
+    Layer-wise scaling gives every OpenELM block its own shape (16 for 270M, 28 for 1.1B), past
+    dynamo's default recompile limit of 8 graphs per code object, after which a block would run
+    eagerly; the limit is raised to what the model needs, and a block dynamo still gives up on
+    is an error (compile_failures_named), never a silent eager block.
+    """
+    import torch._dynamo
+
+    blocks = transformer_blocks(model)
+    shapes = len({block_shape(block) for block in blocks})
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, GRAPHS_PER_SHAPE * shapes)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit,
+                                             GRAPHS_PER_SHAPE * shapes)
+    dynamo.fail_on_recompile_limit_hit = True
+    for block in blocks:
+        block.compile(fullgraph=True, backend=backend)
+    return shapes
+
+
+@contextlib.contextmanager
+def compile_failures_named() -> Iterator[None]:
+    """Dynamo giving up on a compiled block (past the recompile limit, or a graph break) as one
+    train.compile error line instead of a traceback or an eager fallback."""
+    try:
+        yield
+    except Exception as error:
+        if type(error).__module__ != "torch._dynamo.exc":
+            raise
+        from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
+
+        if isinstance(error, FailOnRecompileLimitHit):
+            import torch._dynamo
+
+            raise ElmError(
+                "train.compile: a block needed more graphs than torch._dynamo.config."
+                f"recompile_limit ({torch._dynamo.config.recompile_limit}) and would have run "
+                "eagerly (TORCH_LOGS=recompiles names the guard); set train.compile=false to "
+                "train without compiling") from None
+        if isinstance(error, Unsupported):
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ElmError(f"train.compile: a block does not compile as one graph: {reason}; set "
+                           "train.compile=false to train without compiling") from None
+        raise
 
 
 def build_mesh(ctx: DistContext, strategy: str, replicate_degree: int | None):

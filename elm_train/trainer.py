@@ -106,7 +106,7 @@ class StopRequest:
 def train(config: Config) -> TrainResult:
     ctx = parallel.init_distributed(config.train.device)
     try:
-        with checkpoint_lock(config.checkpoint.dir, ctx):
+        with checkpoint_lock(config.checkpoint.dir, ctx), parallel.compile_failures_named():
             return _train(config, ctx)
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
