@@ -4,6 +4,7 @@ nothing copied locally, and one error line for a missing repository, split or co
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from support.fake_hub import FakeHub, Repo
 from elm_spec import ElmError
 from elm_train.data.distributed import prepare_data_distributed
 from elm_train.data.hub import parse
+from elm_train.data.mix import Mix, MixSource
 from elm_train.data.prepare import PrepareOptions, prepare_data
 from elm_train.data.sources import expand_sources
 
@@ -47,19 +49,25 @@ def served(hub, monkeypatch) -> FakeHub:
 
 @pytest.fixture(scope="module")
 def from_disk(corpus, tokenizer_dir, tmp_path_factory) -> Path:
-    """The dataset's train files prepared from a local copy."""
+    """The dataset's train files prepared from a local copy (as one source, like the dataset)."""
     out = tmp_path_factory.mktemp("disk") / "data"
-    prepare_data(corpus[0][:3], tokenizer_dir, out, PrepareOptions(workers=1, **OPTIONS),
-                 show_progress=False)
+    prepare_data(Mix((MixSource("disk", tuple(corpus[0][:3])),)), tokenizer_dir, out,
+                 PrepareOptions(workers=1, **OPTIONS), show_progress=False)
     return out
 
 
 def assert_same_files(expected: Path, actual: Path) -> None:
+    """Every file the same; index.json but for the names of the sources (paths, or a dataset)."""
     names = sorted(p.name for p in expected.iterdir())
     assert names == sorted(p.name for p in actual.iterdir())
     assert any(name.startswith("train-00002") for name in names)  # several shards compared
     for name in names:
-        assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
+        if name != "index.json":
+            assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
+    indices = [json.loads((d / "index.json").read_text()) for d in (expected, actual)]
+    for index in indices:
+        index["stats"]["sources"] = [{**s, "name": None} for s in index["stats"]["sources"]]
+    assert indices[0] == indices[1]
 
 
 def test_source_names():

@@ -18,9 +18,12 @@ def register(app: typer.Typer) -> None:
     @data_app.command("prepare")
     def prepare(
         sources: list[str] = typer.Argument(
-            ..., help="Files, directories (searched recursively) or globs: .txt, .jsonl, "
+            None, show_default=False, help="Files, directories (searched recursively) or globs: .txt, .jsonl, "
                       ".json.gz/.jsonl.gz, .parquet; or Hub datasets, streamed: "
                       "hf://datasets/ORG/NAME[@REV][/GLOB][?split=train&column=text]."),
+        mix: Path = typer.Option(None, "--mix",
+                                 help="A mix file instead of SOURCES: named sources with weights "
+                                      "(token shares of the output); see docs/data.md."),
         tokenizer: Path = typer.Option(..., "--tokenizer",
                                        help="tokenizer.model, or a directory holding one."),
         out: Path = typer.Option(..., "--out", help="Data directory to create."),
@@ -55,19 +58,25 @@ def register(app: typer.Typer) -> None:
                                            "OUT.work)."),
     ) -> None:
         """Filter, tokenize and pack text into token shards with a held-out split."""
+        from elm_train.data.mix import read_mix
         from elm_train.data.prepare import PrepareOptions, default_workers, prepare_data
 
+        if mix is not None and sources:
+            raise ElmError("give SOURCES or --mix, not both")
+        if mix is None and not sources:
+            raise ElmError("no sources given (SOURCES... or --mix FILE)")
+        inputs = read_mix(mix) if mix is not None else sources
         options = PrepareOptions(
             text_key=text_key, text_per_line=text_per_line, source_format=source_format,
             min_chars=min_chars, min_tokens=min_tokens, valid_fraction=valid_fraction, seed=seed,
             shard_tokens=shard_tokens, workers=workers or default_workers())
         if backend == "local":
-            stats = prepare_data(sources, tokenizer, out, options, force=force)
+            stats = prepare_data(inputs, tokenizer, out, options, force=force)
         elif backend == "datatrove":
             from elm_train.data.distributed import prepare_data_distributed
 
             stats = prepare_data_distributed(
-                sources, tokenizer, out, work_dir or out.with_name(out.name + ".work"),
+                inputs, tokenizer, out, work_dir or out.with_name(out.name + ".work"),
                 tasks or options.workers, options, force=force)
         else:
             raise ElmError(f"--backend must be local or datatrove, got {backend!r}")
@@ -79,10 +88,25 @@ def register(app: typer.Typer) -> None:
 
 
 def describe_stats(out: Path, stats: dict, options) -> str:
+    """The summary line, then (for several sources) a line per source."""
     tokens, documents = stats["tokens"], stats["documents"]
-    return (f"{out}: {stats['documents_kept']} of {stats['documents_read']} documents kept "
-            f"({stats['dropped_min_chars']} under {options.min_chars} characters, "
-            f"{stats['dropped_min_tokens']} under {options.min_tokens} tokens, "
-            f"{stats['undecodable_skipped']} undecodable); "
-            f"train {tokens['train']:,} tokens in {documents['train']} documents, "
-            f"valid {tokens['valid']:,} tokens in {documents['valid']} documents")
+    mixed = f", {stats['dropped_mix']} left out by the mix weights" if stats["dropped_mix"] else ""
+    lines = [f"{out}: {stats['documents_kept']} of {stats['documents_read']} documents kept "
+             f"({stats['dropped_min_chars']} under {options.min_chars} characters, "
+             f"{stats['dropped_min_tokens']} under {options.min_tokens} tokens, "
+             f"{stats['undecodable_skipped']} undecodable{mixed}); "
+             f"train {tokens['train']:,} tokens in {documents['train']} documents, "
+             f"valid {tokens['valid']:,} tokens in {documents['valid']} documents"]
+    sources = stats["sources"]
+    if len(sources) > 1:
+        total = max(tokens["train"] + tokens["valid"], 1)
+        weights = sum(s["weight"] or 0 for s in sources)
+        for source in sources:
+            count = source["tokens"]["train"] + source["tokens"]["valid"]
+            line = (f"  {source['name']}: {count:,} tokens ({100 * count / total:.2f}%) in "
+                    f"{source['documents']['train'] + source['documents']['valid']:,} documents")
+            if source["weight"] is not None:
+                line += (f"; weight {source['weight']:g} ({100 * source['weight'] / weights:.2f}%)"
+                         f", {source['tokens_before_mix']:,} tokens before the mix")
+            lines.append(line)
+    return "\n".join(lines)

@@ -21,9 +21,8 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,16 @@ import numpy as np
 from elm_spec import ElmError
 from elm_spec.tokenizer import Tokenizer
 from elm_train.data import hub
+from elm_train.data.mix import Mix, as_mix
 from elm_train.data.prepare import (
-    ChunkResult,
     ChunkTokenizer,
     PrepareOptions,
+    expand_mix,
     refuse_replacing_inputs,
+    save_part,
     write_prepared,
 )
-from elm_train.data.sources import expand_sources, plan_chunks
+from elm_train.data.sources import plan_chunks
 
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
@@ -52,40 +53,23 @@ def part_path(work_dir: Path, chunk_index: int) -> Path:
 class TokenizeTask:
     """A datatrove pipeline step: tokenizes this task's chunks into part files."""
 
-    def __init__(self, sources: Sequence[str], tokenizer_file: Path, work_dir: Path,
-                 options: PrepareOptions):
-        self.sources = [str(s) for s in sources]
+    def __init__(self, mix: Mix, tokenizer_file: Path, work_dir: Path, options: PrepareOptions):
+        self.mix = mix
         self.tokenizer_file = tokenizer_file
         self.work_dir = work_dir
         self.options = options
 
     def __repr__(self) -> str:  # shown in each task's log
-        return f"elm TokenizeTask: {len(self.sources)} sources -> {self.work_dir / PARTS_DIR}"
+        return f"elm TokenizeTask: {len(self.mix.sources)} sources -> {self.work_dir / PARTS_DIR}"
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        files = expand_sources(self.sources, self.options.source_format)
+        files = expand_mix(self.mix, self.options)
         tokenize = ChunkTokenizer(self.tokenizer_file, self.options)
         chunks = plan_chunks(files, self.options.read_options, self.options.chunk_bytes)
         for index, chunk in enumerate(chunks):
             if index % world_size != rank or part_path(self.work_dir, index).is_file():
                 continue
             save_part(part_path(self.work_dir, index), tokenize(chunk))
-
-
-def save_part(path: Path, result: ChunkResult) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("wb") as handle:
-        np.savez(handle, train=result.train, valid=result.valid,
-                 counts=np.frombuffer(json.dumps(dict(result.counts)).encode(), dtype=np.uint8),
-                 source_bytes=np.int64(result.source_bytes),
-                 tokens=np.int64(result.train.size + result.valid.size))
-    os.replace(temporary, path)
-
-
-def load_part(path: Path) -> ChunkResult:
-    with np.load(path) as part:
-        return ChunkResult(part["train"], part["valid"],
-                           Counter(json.loads(part["counts"].tobytes())), int(part["source_bytes"]))
 
 
 def part_progress(path: Path) -> tuple[int, int, int]:
@@ -151,13 +135,22 @@ class TaskProgress:
                 f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
 
 
-def run_description(sources: Sequence[str], tok: Tokenizer, options: PrepareOptions,
-                    tasks: int) -> dict[str, Any]:
+def run_description(mix: Mix, tok: Tokenizer, options: PrepareOptions, tasks: int
+                    ) -> dict[str, Any]:
     """What decides a run's parts: a work dir holding another run's parts is refused."""
     settings = asdict(options)
     settings.pop("workers")
-    return {"sources": [str(s) for s in sources], "tasks": tasks, "settings": settings,
+    return {"sources": mix.describe(), "tasks": tasks, "settings": settings,
             "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}
+
+
+def pin_hub_sources(mix: Mix) -> Mix:
+    """MIX with each Hub dataset pinned to the commit it resolves to now, so that every task
+    lists the same files."""
+    return replace(mix, sources=tuple(
+        replace(source, paths=tuple(hub.pin(p) if hub.is_hub_source(p) else p
+                                    for p in source.paths))
+        for source in mix.sources))
 
 
 def _claim_work_dir(work_dir: Path, description: dict[str, Any]) -> None:
@@ -173,23 +166,24 @@ def _claim_work_dir(work_dir: Path, description: dict[str, Any]) -> None:
         run_file.write_text(json.dumps(description, indent=2) + "\n")
 
 
-def tokenize_executor(sources: Sequence[str], tok: Tokenizer, work_dir: Path,
-                      options: PrepareOptions, tasks: int, workers: int):
+def tokenize_executor(mix: Mix, tok: Tokenizer, work_dir: Path, options: PrepareOptions,
+                      tasks: int, workers: int):
     from datatrove.executor import LocalPipelineExecutor
 
     return LocalPipelineExecutor(
-        pipeline=[TokenizeTask(sources, tok.path, work_dir, options)], tasks=tasks,
+        pipeline=[TokenizeTask(mix, tok.path, work_dir, options)], tasks=tasks,
         workers=min(workers, tasks), logging_dir=str(work_dir / "logs"), start_method="fork")
 
 
-def slurm_executor(sources: Sequence[str], tok: Tokenizer, work_dir: Path,
+def slurm_executor(sources: Sequence[str] | Mix, tok: Tokenizer, work_dir: Path,
                    options: PrepareOptions, tasks: int, partition: str, time: str,
                    cpus_per_task: int, venv_path: str | None = None):
     """datatrove's SLURM executor for the tokenizing tasks (one array job, a task per element)."""
     from datatrove.executor import SlurmPipelineExecutor
 
     return SlurmPipelineExecutor(
-        pipeline=[TokenizeTask(sources, tok.path, work_dir, options)], tasks=tasks,
+        pipeline=[TokenizeTask(pin_hub_sources(as_mix(sources)), tok.path, work_dir, options)],
+        tasks=tasks,
         time=time, partition=partition, cpus_per_task=cpus_per_task, job_name="elm-data-prepare",
         logging_dir=str(work_dir / "logs"), slurm_logs_folder=str(work_dir / "logs" / "slurm"),
         venv_path=venv_path)
@@ -206,26 +200,24 @@ def missing_parts(work_dir: Path, chunk_count: int) -> list[int]:
     return [i for i in range(chunk_count) if not part_path(work_dir, i).is_file()]
 
 
-def merge_parts(sources: Sequence[str], tok: Tokenizer, work_dir: Path,
+def merge_parts(sources: Sequence[str] | Mix, tok: Tokenizer, work_dir: Path,
                 output: str | os.PathLike[str], options: PrepareOptions, force: bool = False,
                 show_progress: bool = True) -> dict[str, Any]:
     """Write the data directory from complete parts; refuses while any part is missing."""
-    files = expand_sources(sources, options.source_format)
+    mix = as_mix(sources)
+    files = expand_mix(mix, options)
     chunk_count = sum(1 for _ in plan_chunks(files, options.read_options, options.chunk_bytes))
     missing = missing_parts(work_dir, chunk_count)
     if missing:
         raise ElmError(f"{work_dir / PARTS_DIR}: {len(missing)} of {chunk_count} parts missing "
                        f"(first: chunk {missing[0]}); rerun the tasks to complete them")
 
-    def results() -> Iterator[ChunkResult]:
-        for index in range(chunk_count):
-            yield load_part(part_path(work_dir, index))
-
-    return write_prepared(results(), tok, files, output, options, force=force,
-                          show_progress=show_progress)
+    return write_prepared(None, tok, files, output, options, mix, force=force,
+                          show_progress=show_progress,
+                          parts=[part_path(work_dir, i) for i in range(chunk_count)])
 
 
-def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]],
+def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]] | Mix,
                              tokenizer: str | os.PathLike[str], output: str | os.PathLike[str],
                              work_dir: str | os.PathLike[str], tasks: int,
                              options: PrepareOptions | None = None, force: bool = False,
@@ -236,15 +228,14 @@ def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]],
         raise ElmError(f"--tasks must be at least 1, got {tasks}")
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
-    # Every task lists a Hub dataset's files at the same commit.
-    sources = [hub.pin(str(s)) if hub.is_hub_source(str(s)) else str(s) for s in sources]
+    mix = pin_hub_sources(as_mix(sources))
     work = Path(work_dir)
-    files = expand_sources(sources, options.source_format)
+    files = expand_mix(mix, options)
     refuse_replacing_inputs(files, tok, output)
-    _claim_work_dir(work, run_description(sources, tok, options, tasks))
+    _claim_work_dir(work, run_description(mix, tok, options, tasks))
     with TaskProgress(work, sum(f.size for f in files), show_progress) as progress:
-        tokenize_executor(sources, tok, work, options, tasks, options.workers).run()
+        tokenize_executor(mix, tok, work, options, tasks, options.workers).run()
     if show_progress:
         print(progress.summary(tasks), file=sys.stderr)
-    return merge_parts(sources, tok, work, output, options, force=force,
+    return merge_parts(mix, tok, work, output, options, force=force,
                        show_progress=show_progress)

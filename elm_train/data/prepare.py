@@ -8,14 +8,19 @@ Filters follow CoreNet: a document is dropped when it has fewer than `min_chars`
 after SlimPajama's normalisation (lowercase, ASCII punctuation removed, whitespace runs
 collapsed, stripped), or fewer than `min_tokens` tokens. Every kept document is followed by EOS.
 A document goes to the `valid` split when a hash of (seed, source file, position in the file)
-falls under `valid_fraction`.
+falls under `valid_fraction`. Under a weighted mix (mix.py) a second, independent hash decides
+which documents of each source are kept; every chunk's documents are then stored first (in the
+output's staging directory, or the datatrove backend's parts) and selected once every source's
+token count is known.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import string
 import sys
@@ -38,6 +43,7 @@ from elm_spec.platform import usable_cores as default_workers
 from elm_spec.progress import byte_progress
 from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
 from elm_train.data.format import Shard, shard_name, token_dtype, write_index
+from elm_train.data.mix import BUCKET_BITS, BUCKETS, Mix, as_mix, thresholds
 from elm_train.data.sources import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
@@ -99,15 +105,29 @@ def has_min_chars(text: str, min_chars: int) -> bool:
     return len(prefix) < len(text) and normalized_length(text) >= min_chars
 
 
+def document_keys(seed: int, file_indices: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """A seeded 64-bit hash of each document's identity (source file, position in it)."""
+    seeds = np.full(len(positions), seed % 2**64, dtype=np.uint64)
+    return _splitmix64(_splitmix64(seeds ^ np.asarray(file_indices, dtype=np.uint64))
+                       ^ np.asarray(positions, dtype=np.uint64))
+
+
 def valid_mask(seed: int, file_indices: Sequence[int], positions: Sequence[int],
                fraction: float) -> np.ndarray:
     """Which documents go to the valid split: a seeded hash of each document's identity."""
     if fraction <= 0 or not positions:
         return np.zeros(len(positions), dtype=bool)
-    seeds = np.full(len(positions), seed % 2**64, dtype=np.uint64)
-    keys = _splitmix64(_splitmix64(seeds ^ np.asarray(file_indices, dtype=np.uint64))
-                       ^ np.asarray(positions, dtype=np.uint64))
+    keys = document_keys(seed, file_indices, positions)
     return (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+MIX_SEED = 0x6A09E667F3BCC908  # sets the mix's hash apart from the valid split's
+
+
+def mix_buckets(seed: int, file_indices: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """Each document's mix key bucket (mix.py): an independent seeded hash of its identity."""
+    keys = document_keys(seed ^ MIX_SEED, file_indices, positions)
+    return (keys >> np.uint64(64 - BUCKET_BITS)).astype(np.int32)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -118,11 +138,74 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class SplitPart:
+    """One split's documents of a chunk: their tokens (each followed by EOS) in corpus order,
+    and each document's token count, source (mix.Mix.sources) and mix key bucket."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    sources: np.ndarray
+    buckets: np.ndarray
+
+    @classmethod
+    def pack(cls, documents: list[np.ndarray], sources: Sequence[int], buckets: np.ndarray,
+             dtype: np.dtype) -> SplitPart:
+        tokens = np.concatenate(documents).astype(dtype) if documents else np.empty(0, dtype)
+        return cls(tokens, np.array([d.size for d in documents], dtype=np.int64),
+                   np.asarray(sources, dtype=np.int32), np.asarray(buckets, dtype=np.int32))
+
+    def select(self, keep: np.ndarray) -> SplitPart:
+        """The documents whose bucket is under their source's KEEP."""
+        kept = self.buckets < keep[self.sources]
+        return SplitPart(self.tokens[np.repeat(kept, self.lengths)], self.lengths[kept],
+                         self.sources[kept], self.buckets[kept])
+
+    def add_tokens(self, histogram: np.ndarray) -> None:
+        """Add each document's tokens to HISTOGRAM[source, bucket]."""
+        np.add.at(histogram, (self.sources, self.buckets), self.lengths)
+
+
+@dataclass
 class ChunkResult:
-    train: np.ndarray
-    valid: np.ndarray
+    train: SplitPart
+    valid: SplitPart
     counts: Counter
     source_bytes: int
+
+    def select(self, keep: np.ndarray) -> ChunkResult:
+        train, valid = self.train.select(keep), self.valid.select(keep)
+        counts = self.counts.copy()
+        counts["dropped_mix"] = (counts["documents_train"] + counts["documents_valid"]
+                                 - train.lengths.size - valid.lengths.size)
+        counts["documents_train"], counts["documents_valid"] = train.lengths.size, valid.lengths.size
+        return ChunkResult(train, valid, counts, self.source_bytes)
+
+
+_SPLIT_ARRAYS = ("tokens", "lengths", "sources", "buckets")
+
+
+def save_part(path: Path, result: ChunkResult) -> None:
+    """RESULT as one .npz file, which appears at PATH only when complete."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = {f"{split}_{name}": getattr(getattr(result, split), name)
+              for split in ("train", "valid") for name in _SPLIT_ARRAYS}
+    with temporary.open("wb") as handle:
+        np.savez(handle, **arrays,
+                 counts=np.frombuffer(json.dumps(dict(result.counts)).encode(), dtype=np.uint8),
+                 source_bytes=np.int64(result.source_bytes),
+                 tokens=np.int64(result.train.tokens.size + result.valid.tokens.size))
+    os.replace(temporary, path)
+
+
+def load_part(path: Path, tokens: bool = True) -> ChunkResult:
+    """A saved ChunkResult; without TOKENS, only its per-document arrays are read."""
+    with np.load(path) as part:
+        def split(name: str) -> SplitPart:
+            return SplitPart(*(part[f"{name}_{array}"] if tokens or array != "tokens"
+                               else np.empty(0) for array in _SPLIT_ARRAYS))
+
+        return ChunkResult(split("train"), split("valid"),
+                           Counter(json.loads(part["counts"].tobytes())), int(part["source_bytes"]))
 
 
 class ChunkTokenizer:
@@ -151,12 +234,17 @@ class ChunkTokenizer:
             else:
                 kept.append(index)
                 kept_ids.append(ids)
-        to_valid = valid_mask(options.seed, [documents.file_indices[i] for i in kept],
-                              [documents.positions[i] for i in kept], options.valid_fraction)
+        file_indices = [documents.file_indices[i] for i in kept]
+        positions = [documents.positions[i] for i in kept]
+        to_valid = valid_mask(options.seed, file_indices, positions, options.valid_fraction)
+        buckets = mix_buckets(options.seed, file_indices, positions)
+        sources = np.array([documents.sources[i] for i in kept], dtype=np.int32)
         counts["documents_train"] = int((~to_valid).sum())
         counts["documents_valid"] = int(to_valid.sum())
-        train = self._pack([ids for ids, valid in zip(kept_ids, to_valid, strict=True) if not valid])
-        valid = self._pack([ids for ids, valid in zip(kept_ids, to_valid, strict=True) if valid])
+        train, valid = (SplitPart.pack([ids for ids, v in zip(kept_ids, to_valid, strict=True)
+                                        if v == split], sources[to_valid == split],
+                                       buckets[to_valid == split], self.dtype)
+                        for split in (False, True))
         return ChunkResult(train, valid, counts, chunk.source_bytes)
 
     def _encode(self, texts: list[str]) -> list[np.ndarray | None]:
@@ -173,11 +261,6 @@ class ChunkTokenizer:
         except UnicodeEncodeError:
             return None
         return self.tokenizer.processor.Encode(text, add_eos=True, return_type="numpy")
-
-    def _pack(self, documents: list[np.ndarray]) -> np.ndarray:
-        if not documents:
-            return np.empty(0, dtype=self.dtype)
-        return np.concatenate(documents).astype(self.dtype)
 
 
 _WORKER: ChunkTokenizer | None = None
@@ -282,17 +365,25 @@ class ShardWriter:
         self._open.pop(split, None)
 
 
-def prepare_data(sources: Sequence[str | os.PathLike[str]], tokenizer: str | os.PathLike[str],
-                 output: str | os.PathLike[str], options: PrepareOptions | None = None,
-                 force: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Tokenize SOURCES into a prepared data directory OUTPUT; returns the stats of its index."""
+def prepare_data(sources: Sequence[str | os.PathLike[str]] | Mix,
+                 tokenizer: str | os.PathLike[str], output: str | os.PathLike[str],
+                 options: PrepareOptions | None = None, force: bool = False,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize SOURCES (paths, or a mix) into a prepared data directory OUTPUT; returns the
+    stats of its index."""
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
-    files = expand_sources(sources, options.source_format)
+    mix = as_mix(sources)
+    files = expand_mix(mix, options)
     refuse_replacing_inputs(files, tok, output)
     chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
     return write_prepared(tokenize_in_order(chunks, tok.path, options), tok, files, output,
-                          options, force=force, show_progress=show_progress)
+                          options, mix, force=force, show_progress=show_progress)
+
+
+def expand_mix(mix: Mix, options: PrepareOptions) -> list[SourceFile]:
+    paths, owners, text_keys = mix.flat()
+    return expand_sources(paths, options.source_format, owners, text_keys)
 
 
 def refuse_replacing_inputs(files: Sequence[SourceFile], tok: Tokenizer,
@@ -304,29 +395,50 @@ def refuse_replacing_inputs(files: Sequence[SourceFile], tok: Tokenizer,
         refuse_overlap(file, output)
 
 
-def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequence[SourceFile],
-                   output: str | os.PathLike[str], options: PrepareOptions, force: bool = False,
-                   show_progress: bool = True) -> dict[str, Any]:
-    """Write chunk RESULTS (in corpus order) as shards, tokenizer files and index.json into OUTPUT.
+def write_prepared(results: Iterable[ChunkResult] | None, tok: Tokenizer,
+                   files: Sequence[SourceFile], output: str | os.PathLike[str],
+                   options: PrepareOptions, mix: Mix, force: bool = False,
+                   show_progress: bool = True, parts: Sequence[Path] | None = None
+                   ) -> dict[str, Any]:
+    """Write chunk RESULTS (in corpus order), or the saved PARTS holding them, as shards,
+    tokenizer files and index.json into OUTPUT.
 
-    Shared by every backend, so that the same results give the same bytes.
+    Shared by every backend, so that the same results give the same bytes. A weighted MIX needs
+    every result before it writes the first: RESULTS are saved as parts in the staging directory
+    first (and removed at the end).
     """
     dtype = token_dtype(tok.vocab_size)
     totals: Counter = Counter()
+    total_bytes = sum(f.size for f in files)
+    per_source = {split: np.zeros((2, len(mix.sources)), dtype=np.int64)  # tokens, documents
+                  for split in ("train", "valid")}
     with atomic_output_dir(output, force=force) as staging:
+        available = None
+        if mix.weighted:
+            if parts is None:
+                parts = _save_parts(results, staging / ".mix-parts", total_bytes, show_progress)
+            keep, available = mix_keep(parts, mix)
+            results = (load_part(path).select(keep) for path in parts)
+        elif parts is not None:
+            results = (load_part(path) for path in parts)
         writer = ShardWriter(staging, dtype, options.shard_tokens)
-        total_bytes = sum(f.size for f in files)
         with _progress_bar(total_bytes, show_progress) as advance:
             for result in results:
-                writer.write("train", result.train)
-                writer.write("valid", result.valid)
+                for split in ("train", "valid"):
+                    part = getattr(result, split)
+                    writer.write(split, part.tokens)
+                    totals[f"tokens_{split}"] += part.tokens.size
+                    np.add.at(per_source[split][0], part.sources, part.lengths)
+                    np.add.at(per_source[split][1], part.sources, 1)
                 totals.update(result.counts)
-                totals["tokens_train"] += result.train.size
-                totals["tokens_valid"] += result.valid.size
                 advance(result.source_bytes, totals)
                 crash_point("data-prepare")
         splits = writer.close()
+        shutil.rmtree(staging / ".mix-parts", ignore_errors=True)
         stats = _stats(totals, options, files_count=len(files), source_bytes=total_bytes)
+        stats["sources"] = _source_stats(mix, per_source, available)
+        if mix.weighted:
+            stats["mix_tokens"] = mix.tokens
         kept = stats["documents_kept"]
         if kept == 0:
             raise ElmError(f"no documents kept: {stats['documents_read']} read, "
@@ -341,10 +453,50 @@ def write_prepared(results: Iterable[ChunkResult], tok: Tokenizer, files: Sequen
     return stats
 
 
+def _save_parts(results: Iterable[ChunkResult], directory: Path, total_bytes: int,
+                show_progress: bool) -> list[Path]:
+    directory.mkdir()
+    paths, totals = [], Counter()
+    with _progress_bar(total_bytes, show_progress) as advance:
+        for number, result in enumerate(results):
+            paths.append(directory / f"part-{number:08d}.npz")
+            save_part(paths[-1], result)
+            totals.update(result.counts)
+            advance(result.source_bytes, totals)
+    return paths
+
+
+def mix_keep(parts: Sequence[Path], mix: Mix) -> tuple[np.ndarray, list[int]]:
+    """How many key buckets each source keeps (mix.thresholds), from the saved PARTS; and each
+    source's tokens before the mix."""
+    histogram = np.zeros((len(mix.sources), BUCKETS), dtype=np.int64)
+    for path in parts:
+        result = load_part(path, tokens=False)
+        result.train.add_tokens(histogram)
+        result.valid.add_tokens(histogram)
+    return thresholds(histogram, mix)
+
+
+def _source_stats(mix: Mix, per_source: dict[str, np.ndarray], available: list[int] | None
+                  ) -> list[dict[str, Any]]:
+    """Per source: its weight, the tokens and documents it put in each split, and under a
+    weighted mix the tokens it had before the mix."""
+    result = []
+    for number, source in enumerate(mix.sources):
+        entry: dict[str, Any] = {
+            "name": source.name, "weight": source.weight,
+            "tokens": {split: int(per_source[split][0][number]) for split in per_source},
+            "documents": {split: int(per_source[split][1][number]) for split in per_source}}
+        if available is not None:
+            entry["tokens_before_mix"] = available[number]
+        result.append(entry)
+    return result
+
+
 def _stats(totals: Counter, options: PrepareOptions, files_count: int, source_bytes: int
            ) -> dict[str, Any]:
     dropped = (totals["dropped_min_chars"] + totals["dropped_min_tokens"]
-               + totals["undecodable_skipped"])
+               + totals["undecodable_skipped"] + totals["dropped_mix"])
     settings = asdict(options)
     for key in ("workers", "chunk_bytes"):  # they change how fast, never what is written
         settings.pop(key)
@@ -356,6 +508,7 @@ def _stats(totals: Counter, options: PrepareOptions, files_count: int, source_by
         "dropped_min_chars": totals["dropped_min_chars"],
         "dropped_min_tokens": totals["dropped_min_tokens"],
         "undecodable_skipped": totals["undecodable_skipped"],
+        "dropped_mix": totals["dropped_mix"],
         "documents": {"train": totals["documents_train"], "valid": totals["documents_valid"]},
         "tokens": {"train": totals["tokens_train"], "valid": totals["tokens_valid"]},
         "settings": settings,

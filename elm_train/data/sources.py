@@ -40,7 +40,8 @@ class SourceFile:
     path: str  # a local path, or hf://datasets/ORG/NAME@COMMIT/FILE
     format: str
     size: int
-    text_key: str | None = None  # this file's own text key (a Hub source's column=)
+    text_key: str | None = None  # this file's own text key (a Hub source's column=, a mix's)
+    source: int = 0  # which source (of a mix, or on the command line) named it
 
     @property
     def is_local(self) -> bool:
@@ -69,12 +70,14 @@ class Documents:
     texts: list[str] = field(default_factory=list)
     file_indices: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
     undecodable: int = 0
 
-    def add(self, text: str, file_index: int, position: int) -> None:
+    def add(self, text: str, file: SourceFile, position: int) -> None:
         self.texts.append(text)
-        self.file_indices.append(file_index)
+        self.file_indices.append(file.index)
         self.positions.append(position)
+        self.sources.append(file.source)
 
 
 # Chunks: small picklable descriptions of work; `read_chunk` turns one into Documents.
@@ -130,23 +133,27 @@ def detect_format(path: str) -> str | None:
     return None
 
 
-def expand_sources(sources: Sequence[str | os.PathLike[str]], source_format: str | None = None
-                   ) -> list[SourceFile]:
+def expand_sources(sources: Sequence[str | os.PathLike[str]], source_format: str | None = None,
+                   owners: Sequence[int] | None = None,
+                   text_keys: Sequence[str | None] | None = None) -> list[SourceFile]:
     """Files named by SOURCES (files, directories searched recursively, globs, Hub datasets),
-    in order.
+    in order; a file named twice belongs to the first source naming it.
 
-    Each file's format comes from its name unless `source_format` forces one for all.
+    Each file's format comes from its name unless `source_format` forces one for all. OWNERS
+    (default: each its own) and TEXT_KEYS give each source's number and text key.
     """
     if source_format is not None and source_format not in FORMATS:
         raise ElmError(f"unknown format {source_format!r} (expected one of {', '.join(FORMATS)})")
-    paths: dict[str, tuple[int, str | None]] = {}  # path -> (size, text key)
-    for source in sources:
+    owners = owners if owners is not None else range(len(sources))
+    text_keys = text_keys if text_keys is not None else [None] * len(sources)
+    paths: dict[str, tuple[int, str | None, int]] = {}  # path -> (size, text key, source)
+    for source, owner, text_key in zip(sources, owners, text_keys, strict=True):
         text = str(source)
         if hub.is_hub_source(text):
             listed, column = hub.list_files(text, lambda name: (source_format or detect_format(name))
                                             is not None)
             for path, size in listed:
-                paths.setdefault(path, (size, column))
+                paths.setdefault(path, (size, column or text_key, owner))
             continue
         if glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
@@ -164,17 +171,17 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]], source_format: str
         else:
             raise ElmError(f"{text}: not found")
         for file in files:
-            paths.setdefault(str(file), (file.stat().st_size, None))
+            paths.setdefault(str(file), (file.stat().st_size, text_key, owner))
     if not paths:
         raise ElmError("no sources given")
     result = []
-    for index, (path, (size, text_key)) in enumerate(paths.items()):
+    for index, (path, (size, text_key, owner)) in enumerate(paths.items()):
         fmt = source_format or detect_format(path)
         if fmt is None:
             raise ElmError(f"{path}: unknown file type (expected .txt, .jsonl, .json.gz, "
                            ".jsonl.gz or .parquet; --format txt|jsonl|jsonl.gz|parquet "
                            "reads any file as that format)")
-        result.append(SourceFile(index, path, fmt, size, text_key))
+        result.append(SourceFile(index, path, fmt, size, text_key, owner))
     return result
 
 
@@ -273,7 +280,7 @@ def _read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
         for file in chunk.files:
             try:
                 with file.open() as handle:
-                    documents.add(handle.read().decode("utf-8"), file.index, 0)
+                    documents.add(handle.read().decode("utf-8"), file, 0)
             except UnicodeDecodeError:
                 documents.undecodable += 1
     elif isinstance(chunk, LineRange):
@@ -313,7 +320,7 @@ def _read_lines(file: SourceFile, data: bytes, offset: int, first_line: int | No
             continue
         if not is_json:
             try:
-                documents.add(line.decode("utf-8"), file.index, offset + start)
+                documents.add(line.decode("utf-8"), file, offset + start)
             except UnicodeDecodeError:
                 documents.undecodable += 1
             continue
@@ -335,7 +342,7 @@ def _read_lines(file: SourceFile, data: bytes, offset: int, first_line: int | No
                 keys = ", ".join(map(repr, list(record)[:8])) or "none"
                 raise ElmError(f"{where}: no {text_key!r} key (keys: {keys}; {file.key_hint()})")
             raise ElmError(f"{where}: {text_key!r} is {type(text).__name__}, not a string")
-        documents.add(text, file.index, offset + start)
+        documents.add(text, file, offset + start)
 
 
 def _line_name(file: SourceFile, data: bytes, offset: int, first_line: int | None,
@@ -381,7 +388,7 @@ def _read_row_group(chunk: RowGroup, text_key: str, documents: Documents) -> Non
         if not isinstance(value, str):
             raise ElmError(f"{chunk.file.path}: row {row}: {text_key!r} is "
                            f"{type(value).__name__}, not a string")
-        documents.add(value, chunk.file.index, row)
+        documents.add(value, chunk.file, row)
 
 
 def iter_texts(files: Sequence[SourceFile], options: ReadOptions) -> Iterator[str]:
