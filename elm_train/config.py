@@ -113,6 +113,8 @@ class LogConfig:
     progress: bool = True
     # Peak FLOP/s per device for MFU; 0 means look up the GPU or measure the CPU GEMM peak.
     peak_flops: float = 0.0
+    # On a GPU: record allocator history and dump it into run_dir on out-of-memory.
+    oom_snapshot: bool = True
 
 
 @dataclass

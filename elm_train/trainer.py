@@ -24,7 +24,7 @@ from elm_spec import ElmError
 from elm_spec.errors import first_line
 from elm_spec.names import OOM_EXIT_CODE
 from elm_spec.writes import writing
-from elm_train import float8, parallel
+from elm_train import float8, memory_snapshot, parallel
 from elm_train.batch_plan import plan_batch
 from elm_train.checkpoint import CONFIG_COPY, Checkpointer, checkpoint_lock
 from elm_train.config import Config, OptimConfig, TrainSection, check_resumable, dump_config
@@ -105,6 +105,7 @@ class StopRequest:
 
 def train(config: Config) -> TrainResult:
     ctx = parallel.init_distributed(config.train.device)
+    recording = config.log.oom_snapshot and memory_snapshot.start_recording(ctx.device)
     try:
         with checkpoint_lock(config.checkpoint.dir, ctx), parallel.compile_failures_named():
             return _train(config, ctx)
@@ -112,12 +113,21 @@ def train(config: Config) -> TrainResult:
         if not is_out_of_memory(error):
             raise
         message = first_line(error, fallback="MemoryError")
+        record = {"event": "oom", "message": message, "world_size": ctx.world_size}
+        if recording:
+            recording = False
+            record["memory_snapshot"] = str(memory_snapshot.dump(config.log.run_dir, ctx.rank))
         oom_log = MetricsLog(config.log.run_dir, ctx.is_main)
-        oom_log.write({"event": "oom", "message": message, "world_size": ctx.world_size})
+        oom_log.write(record)
         oom_log.close()
+        if "memory_snapshot" in record:
+            print(f"memory snapshot: {record['memory_snapshot']} (open it in "
+                  "https://pytorch.org/memory_viz)", file=sys.stderr, flush=True)
         print(f"error: out of memory: {message}", file=sys.stderr, flush=True)
         sys.exit(OOM_EXIT_CODE)
     finally:
+        if recording:
+            memory_snapshot.stop_recording()
         parallel.shutdown_distributed(ctx)
 
 

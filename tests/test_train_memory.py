@@ -4,6 +4,7 @@ the OOM snapshot (in-process, fast)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,55 @@ def test_float8_swaps_the_block_linears_and_keeps_the_weights(recipe: str) -> No
     ids = torch.randint(0, model.spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
     model(ids).float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----- memory snapshot on out-of-memory ------------------------------------------------------
+@pytest.mark.parametrize(("device", "enabled", "dumped"), [
+    ("cuda", True, True), ("cuda", False, False), ("cpu", True, False)])
+def test_out_of_memory_dumps_the_allocator_history_on_a_gpu(monkeypatch, tmp_path, capsys,
+                                                            device, enabled, dumped) -> None:
+    """The allocator calls are stubbed (no GPU here); the path from the OOM to the file is real."""
+    import inspect
+    import json
+
+    from elm_spec.names import OOM_EXIT_CODE
+    from elm_train import trainer
+    from elm_train.memory_snapshot import RECORD_OPTIONS
+
+    # The stubs stand for these functions of torch: what is passed to them must fit them.
+    inspect.signature(torch.cuda.memory._record_memory_history).bind(**RECORD_OPTIONS)
+    inspect.signature(torch.cuda.memory._record_memory_history).bind(enabled=None)
+    inspect.signature(torch.cuda.memory._dump_snapshot).bind("file.pickle")
+    history: list = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **options: history.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda filename: Path(filename).write_bytes(b"allocator history"))
+    monkeypatch.setattr(parallel, "init_distributed", lambda preference: parallel.DistContext(
+        0, 1, 0, 1, torch.device(device, 0) if device == "cuda" else torch.device(device)))
+
+    def out_of_memory(config, ctx):
+        assert history == (["all"] if dumped else [])  # recording from before the model exists
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer, "_train", out_of_memory)
+    run_dir = tmp_path / "run"
+    config = load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True},
+                               "log": {"run_dir": str(run_dir), "oom_snapshot": enabled}})
+    with pytest.raises(SystemExit) as exited:
+        trainer.train(config)
+    assert exited.value.code == OOM_EXIT_CODE
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1] == "error: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "oom"
+    snapshot = run_dir / "memory-snapshot-rank-00000.pickle"
+    if dumped:
+        assert snapshot.read_bytes() == b"allocator history"
+        assert record["memory_snapshot"] == str(snapshot)
+        assert stderr[-2] == f"memory snapshot: {snapshot} (open it in https://pytorch.org/memory_viz)"
+        assert history == ["all", None]  # stopped after the dump
+    else:
+        assert "memory_snapshot" not in record and history == []
+    assert sorted(p.name for p in run_dir.iterdir()) == (
+        ["memory-snapshot-rank-00000.pickle", "metrics.jsonl"] if dumped else ["metrics.jsonl"])
