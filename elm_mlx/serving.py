@@ -6,6 +6,9 @@ the same model (base or one of its adapters) decode together in one batch; each 
 sampler, logits processors (repetition penalty, a grammar) and stop strings. Prompts that share
 a prefix with an earlier request start from that request's KV cache (mlx-lm's
 `LRUPromptCache`), so only the new tokens are prefilled.
+
+With a draft model (speculative decoding) or a quantized KV cache the engine decodes one
+request at a time, as `mlx_lm.server` does: mlx-lm's `BatchGenerator` has neither.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.generate import (
+    DEFAULT_QUANTIZED_KV_START,
+    BatchGenerator,
+    StopSequences,
+    generate_step,
+    speculative_generate_step,
+)
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -196,15 +205,37 @@ def load_served_models(model_dir: str | os.PathLike[str],
     return served
 
 
+@dataclass
+class Speedups:
+    """Speculative decoding and KV cache quantization (either one: one request at a time)."""
+
+    draft_model: nn.Module | None = None
+    num_draft_tokens: int = 3
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+
+    @property
+    def batchable(self) -> bool:
+        return self.draft_model is None and self.kv_bits is None
+
+
 class Engine:
     """Continuous batching over MODELS (name -> model and tokenizer), run on its own thread."""
 
     def __init__(self, models: dict[str, ServedModel], max_batch: int = 8, max_queue: int = 16,
-                 prompt_cache_size: int = 10, prefill_step_size: int = 2048):
+                 prompt_cache_size: int = 10, prefill_step_size: int = 2048,
+                 speedups: Speedups | None = None):
         if not models:
             raise ValueError("no models to serve")
         self.models = models
         self.default_model = next(iter(models))
+        self.speedups = speedups or Speedups()
+        if self.speedups.draft_model is not None and self.speedups.kv_bits is not None:
+            # mlx-lm's speculative decoding quantizes copies of the cache it is given, so the
+            # cache kept for later requests would not hold what it claims
+            raise ElmError("--kv-bits does not combine with --draft-model in elm serve")
+        max_batch = max_batch if self.speedups.batchable else 1
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size
@@ -259,7 +290,12 @@ class Engine:
             with contextlib.ExitStack() as stack:
                 for served in self.models.values():
                     stack.enter_context(matvec_on_cpu(served.model))
+                if self.speedups.draft_model is not None:
+                    stack.enter_context(matvec_on_cpu(self.speedups.draft_model))
                 while not self._stop.is_set():
+                    if not self.speedups.batchable:
+                        self._serve_alone(active)
+                        continue
                     self._admit(generators, active, block=not active)
                     self._drop_cancelled(generators, active)
                     for name, generator in generators.items():
@@ -317,20 +353,7 @@ class Engine:
             entry = active.get((name, response.uid))
             if entry is None:
                 continue
-            finish = response.finish_reason
-            if finish != "stop":  # the EOS token itself is not text
-                entry.detokenizer.add_token(response.token)
-            if finish is not None:
-                entry.detokenizer.finalize()
-            text, stopped = entry.stops.feed(entry.detokenizer.last_segment)
-            if stopped:
-                finish = "stop"
-            elif finish is not None:
-                text += entry.stops.flush()
-            event = Event(text, response.token, response.logprobs[response.token].item(),
-                          _top(response.logprobs, entry.ticket.request.top_logprobs), finish,
-                          entry.prompt_tokens, entry.cached_tokens)
-            entry.ticket.emit(event)
+            finish = _emit(entry, response.token, response.logprobs, response.finish_reason)
             if finish is None:
                 continue
             del active[(name, response.uid)]
@@ -340,6 +363,80 @@ class Engine:
                 self.prompt_cache.insert_cache(name, list(response.all_tokens),
                                                response.prompt_cache)
             self._done()
+
+
+    def _serve_alone(self, active: dict[tuple[str, int], _Active]) -> None:
+        """The next request on its own, through mlx-lm's (speculative) generation step; its
+        cache is kept for prompts that share its prefix, like a batched request's."""
+        try:
+            ticket = self._inbox.get(timeout=0.05)
+        except queue.Empty:
+            return
+        request = ticket.request
+        name = request.model or self.default_model
+        served, speedups = self.models[name], self.speedups
+        try:
+            if ticket.cancelled:
+                return
+            cache, rest = self.prompt_cache.fetch_nearest_cache(name, request.prompt)
+            if cache is not None and not rest:  # an exact hit: recompute the last token's logits
+                trim_prompt_cache(cache, 1)
+                rest = request.prompt[-1:]
+            if cache is None:
+                cache = make_prompt_cache(served.model)
+                if speedups.draft_model is not None:
+                    cache += make_prompt_cache(speedups.draft_model)
+            entry = active[(name, -1)] = _Active(
+                ticket, served.tokenizer.detokenizer, StopMatcher(request.stop),
+                len(request.prompt), len(request.prompt) - len(rest))
+            options: dict[str, Any] = dict(
+                max_tokens=request.max_tokens, sampler=request.sampling.sampler(),
+                logits_processors=[*request.sampling.processors(), *request.processors],
+                prompt_cache=cache, prefill_step_size=self.prefill_step_size,
+                kv_bits=speedups.kv_bits, kv_group_size=speedups.kv_group_size,
+                quantized_kv_start=speedups.quantized_kv_start)
+            if speedups.draft_model is None:
+                steps = generate_step(mx.array(rest), served.model, **options)
+            else:
+                steps = speculative_generate_step(
+                    mx.array(rest), served.model, speedups.draft_model,
+                    num_draft_tokens=speedups.num_draft_tokens, **options)
+            generated: list[int] = []
+            for step in steps:
+                if ticket.cancelled:
+                    break
+                token, logprobs = int(step[0]), step[1]
+                generated.append(token)
+                finish = "stop" if token in served.tokenizer.eos_token_ids else (
+                    "length" if len(generated) == request.max_tokens else None)
+                if _emit(entry, token, logprobs, finish) is not None:
+                    break
+            steps.close()  # speculative decoding rewinds the cache to what it accepted
+            del active[(name, -1)]
+            kept = min(layer.offset for layer in cache)  # the draft's may run one token apart
+            for layer in cache:
+                layer.trim(layer.offset - kept)
+            self.prompt_cache.insert_cache(name, (request.prompt + generated)[:kept], cache)
+        finally:
+            self._done()
+
+
+def _emit(entry: _Active, token: int, logprobs: mx.array, finish: str | None) -> str | None:
+    """Send ENTRY's client the event for TOKEN; the finish reason (a completed stop string
+    gives "stop"), or None while the request goes on."""
+    if finish != "stop":  # the EOS token itself is not text
+        entry.detokenizer.add_token(token)
+    if finish is not None:
+        entry.detokenizer.finalize()
+    text, stopped = entry.stops.feed(entry.detokenizer.last_segment)
+    if stopped:
+        finish = "stop"
+    elif finish is not None:
+        text += entry.stops.flush()
+    entry.ticket.emit(Event(text, token, logprobs[token].item(),
+                            _top(logprobs, entry.ticket.request.top_logprobs), finish,
+                            entry.prompt_tokens, entry.cached_tokens))
+    return finish
 
 
 def _top(logprobs: mx.array, count: int) -> list[tuple[int, float]]:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import typer
 
-from apps.commands.generate import CHAT_TEMPLATE_HELP
+from apps.commands.generate import (
+    CHAT_TEMPLATE_HELP,
+    KV_BITS_HELP,
+    KV_GROUP_SIZE_HELP,
+    NUM_DRAFT_TOKENS_HELP,
+    QUANTIZED_KV_START_HELP,
+)
 from apps.process import keep_torch_out
 from elm_spec import ElmError
 
@@ -44,13 +50,25 @@ def register(app: typer.Typer) -> None:
                                               help="KV caches kept for prompt-prefix reuse."),
         prefill_step_size: int = typer.Option(2048, "--prefill-step-size",
                                               help="Prompt tokens processed at a time."),
+        draft_model: Path = typer.Option(
+            None, "--draft-model", help="A smaller model with the same tokenizer drafting tokens "
+            "(speculative decoding). Requests are then decoded one at a time, as mlx_lm.server "
+            "does (batched decoding cannot use a draft); response_format and "
+            "repetition_penalty are refused."),
+        num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help=NUM_DRAFT_TOKENS_HELP),
+        kv_bits: int = typer.Option(None, "--kv-bits", help=KV_BITS_HELP + " Requests are then "
+                                    "decoded one at a time (batched decoding cannot quantize)."),
+        kv_group_size: int = typer.Option(64, "--kv-group-size", help=KV_GROUP_SIZE_HELP),
+        quantized_kv_start: int = typer.Option(5000, "--quantized-kv-start",
+                                               help=QUANTIZED_KV_START_HELP),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
         keep_torch_out()
         import uvicorn
 
         from apps.serve.app import ServerSettings, build_app
-        from elm_mlx.serving import Engine, load_served_models
+        from elm_mlx.generate import check_draft_options, check_kv_options, load_draft
+        from elm_mlx.serving import Engine, Speedups, load_served_models
 
         for name, value in (("--max-batch", max_batch), ("--max-tokens", max_tokens),
                             ("--max-body-bytes", max_body_bytes)):
@@ -58,13 +76,23 @@ def register(app: typer.Typer) -> None:
                 raise ElmError(f"{name} must be at least 1, got {value}")
         if max_queue < 0:
             raise ElmError(f"--max-queue must be at least 0, got {max_queue}")
+        check_kv_options(kv_bits, kv_group_size, quantized_kv_start)
+        if draft_model is not None:
+            check_draft_options(num_draft_tokens)
+            if kv_bits is not None:
+                raise ElmError("--kv-bits does not combine with --draft-model in elm serve")
         if not is_loopback(host) and api_key is None:
             typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach "
                        "this address can use the model", err=True)
         models = load_served_models(model, adapter_path, chat_template)
+        base = models[next(name for name, served in models.items() if served.parent is None)]
+        check_kv_options(kv_bits, kv_group_size, quantized_kv_start, base.model.spec.head_dim)
+        draft = None if draft_model is None else load_draft(draft_model, model, base.model,
+                                                            base.tokenizer)
+        speedups = Speedups(draft, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start)
         engine = Engine(models, max_batch=max_batch, max_queue=max_queue,
-                        prompt_cache_size=prompt_cache_size,
-                        prefill_step_size=prefill_step_size).start()
+                        prompt_cache_size=prompt_cache_size, prefill_step_size=prefill_step_size,
+                        speedups=speedups).start()
         settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes,
                                   default_max_tokens=max_tokens, default_temp=temp)
         typer.echo(f"serving {', '.join(models)} on http://{host}:{port} (pid {os.getpid()})")

@@ -137,16 +137,26 @@ class Server:
             try:
                 schema = schema_of(body.response_format)
                 if schema is not None:
+                    self.check_speculative("response_format", "a grammar mask needs one token "
+                                           "at a time")
                     processors.append(JsonConstraint(compile_schema(schema), served.tokenizer,
                                                      served.model.spec.vocab_size))
             except ElmError as error:
                 raise APIError(400, str(error), param="response_format") from None
+        if body.repetition_penalty is not None:
+            self.check_speculative("repetition_penalty", "mlx-lm's speculative decoding would "
+                                   "penalise only the generated tokens")
         temp = self.settings.default_temp if body.temperature is None else float(body.temperature)
         sampling = EngineSampling(temp=temp, top_p=float(body.top_p), top_k=body.top_k,
                                   min_p=float(body.min_p), seed=body.seed,
                                   repetition_penalty=None if body.repetition_penalty is None
                                   else float(body.repetition_penalty))
         return Request(prompt, max_tokens, sampling, stops, top_logprobs, name, processors)
+
+    def check_speculative(self, param: str, why: str) -> None:
+        if self.engine.speedups.draft_model is not None:
+            raise APIError(400, f"{param} is not available on this server: it decodes "
+                           f"speculatively (elm serve --draft-model) and {why}", param=param)
 
     def completion_prompt(self, body: CompletionRequest, name: str) -> list[int]:
         tokenizer = self.engine.models[name].tokenizer
