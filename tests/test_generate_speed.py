@@ -318,3 +318,25 @@ def test_chat_starts_from_a_saved_prompt_cache(chat_target: Path, tmp_path: Path
     code, _, err = run_cli(capsys, "chat", "--model", str(chat_target), "--prompt-cache-file",
                            str(saved), "--draft-model", str(chat_target))
     assert code == 1 and err.count("\n") == 1 and "--draft-model" in err
+
+
+def test_a_failed_save_leaves_the_old_cache_file_whole(target: Path, tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    import errno
+
+    import elm_mlx.prompt_cache
+
+    saved = tmp_path / "kept.safetensors"
+    stats(capsys, "--model", str(target), "--prompt", PREFIX, "-m", "1", "--save-prompt-cache",
+          str(saved))
+    before = saved.read_bytes()
+
+    def full_disk(path: str, cache, metadata) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(elm_mlx.prompt_cache, "save_prompt_cache", full_disk)
+    code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", PROMPT,
+                           "-m", "1", "--save-prompt-cache", str(saved))
+    assert code == 1 and err == f"error: {saved}: write failed (disk full); nothing was changed there\n"
+    assert saved.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [saved.name]
