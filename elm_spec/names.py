@@ -21,6 +21,9 @@ SELECTIVE_AC_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_atten
                           "_scaled_dot_product_flash_attention_for_cpu",
                           "_scaled_dot_product_efficient_attention",
                           "_scaled_dot_product_cudnn_attention")
+# Rows of prepared token data (elm_train/data/format.py): windows cut from one packed stream, or
+# CoreNet's one document chunk per row, padded (docs/reference.md section 3).
+DATA_LAYOUTS = ("packed", "corenet")
 # `elm train` exits with this when a step runs out of memory; `elm bench` records the cell as OOM.
 OOM_EXIT_CODE = 3
 # What MLX's affine quantization accepts (weights in `elm convert -q`, the KV cache in --kv-bits).

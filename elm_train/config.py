@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 from elm_spec import ElmError
-from elm_spec.names import AC_MODES, ATTENTION_KINDS, FLOAT8_RECIPES, STRATEGIES, TRAIN_DTYPES
+from elm_spec.names import (
+    AC_MODES,
+    ATTENTION_KINDS,
+    DATA_LAYOUTS,
+    FLOAT8_RECIPES,
+    STRATEGIES,
+    TRAIN_DTYPES,
+)
 from elm_spec.settings import (
     aliased,
     build_dataclass,
@@ -51,6 +58,8 @@ class DataConfig:
     path: str | None = None
     synthetic: bool = False
     seed: int = 0
+    # packed or corenet (elm_train/data/loader.py); default: the layout data.path was prepared with
+    layout: str | None = None
 
 
 @dataclass
@@ -244,6 +253,8 @@ def _check_values(config: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ElmError(f"{key}: must not be negative, got {_get(config, key)}")
+    if config.data.layout is not None and config.data.layout not in DATA_LAYOUTS:
+        raise ElmError(f"data.layout: {config.data.layout!r} is not one of {', '.join(DATA_LAYOUTS)}")
     if config.train.global_batch_tokens and config.train.grad_accum_steps != 1:
         raise ElmError("train.grad_accum_steps: derived from train.global_batch_tokens "
                        f"({config.train.global_batch_tokens}); set one of them "

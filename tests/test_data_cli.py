@@ -70,3 +70,20 @@ def test_missing_tokenizer_is_named(tmp_path: Path):
                      "--out", str(tmp_path / "d"))
     assert_one_error_line(result, "nowhere", "tokenizer not found")
     assert not (tmp_path / "d").exists()
+
+
+def test_corenet_layout_reports_chunks_and_rows(tokenizer_dir: Path, tmp_path: Path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_texts(4)))
+    out = tmp_path / "data"
+    result = prepare(str(tmp_path / "a.jsonl"), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                     "--valid-fraction", "0", "--layout", "corenet", "--chunk-words", "400")
+    assert result.returncode == 0, result.stderr
+    stats = read_index(out).stats
+    rows = stats["rows"]["train"]
+    assert rows > 4 and stats["settings"]["layout"] == "corenet"
+    assert (f"{rows} of {stats['chunks_read']} chunks of at most 400 words kept, from 4 "
+            "documents" in result.stdout)
+    assert f"train {stats['tokens']['train']:,} tokens in {rows} rows" in result.stdout
+    bad = prepare(str(tmp_path / "a.jsonl"), "--tokenizer", str(tokenizer_dir), "--out",
+                  str(tmp_path / "bad"), "--layout", "padded")
+    assert_one_error_line(bad, "--layout must be one of packed, corenet, got 'padded'")

@@ -137,3 +137,14 @@ def test_cli_unknown_backend_is_one_line(tokenizer_dir, tmp_path):
                      "--out", str(tmp_path / "d"), "--backend", "ray")
     assert_one_error_line(result, "--backend must be local or datatrove, got 'ray'")
     assert not (tmp_path / "d").exists()
+
+
+def test_corenet_layout_under_datatrove_is_every_byte_of_the_single_machine_run(
+        corpus, tokenizer_dir, tmp_path):
+    options = {**OPTIONS, "layout": "corenet", "chunk_words": 300}
+    prepare_data(corpus[0], tokenizer_dir, tmp_path / "local", PrepareOptions(workers=1, **options),
+                 show_progress=False)
+    prepare_data_distributed(corpus[0], tokenizer_dir, tmp_path / "dt", tmp_path / "work", 3,
+                             PrepareOptions(workers=2, **options), show_progress=False)
+    assert_same_files(tmp_path / "local", tmp_path / "dt")
+    assert (tmp_path / "dt" / "train-rows.bin").stat().st_size > 0

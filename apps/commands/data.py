@@ -37,7 +37,15 @@ def register(app: typer.Typer) -> None:
                                       help="Drop documents with fewer characters (CoreNet's "
                                            "count: lowercased, punctuation removed)."),
         min_tokens: int = typer.Option(256, "--min-tokens",
-                                       help="Drop documents with fewer tokens."),
+                                       help="Drop documents with fewer tokens (corenet: chunks, "
+                                            "counting BOS and EOS)."),
+        layout: str = typer.Option("packed", "--layout",
+                                   help="packed (documents each followed by EOS, packed into "
+                                        "windows: no token wasted) or corenet (CoreNet's rows: "
+                                        "chunks of --chunk-words words, ftfy NFC, BOS and EOS, "
+                                        "filters per chunk; train pads or cuts each row)."),
+        chunk_words: int = typer.Option(2048, "--chunk-words",
+                                        help="corenet layout: words per document chunk."),
         valid_fraction: float = typer.Option(0.01, "--valid-fraction",
                                              help="Share of documents held out as `valid`."),
         seed: int = typer.Option(0, "--seed", help="Seed of the train/valid assignment."),
@@ -69,7 +77,8 @@ def register(app: typer.Typer) -> None:
         options = PrepareOptions(
             text_key=text_key, text_per_line=text_per_line, source_format=source_format,
             min_chars=min_chars, min_tokens=min_tokens, valid_fraction=valid_fraction, seed=seed,
-            shard_tokens=shard_tokens, workers=workers or default_workers())
+            shard_tokens=shard_tokens, workers=workers or default_workers(), layout=layout,
+            chunk_words=chunk_words)
         if backend == "local":
             stats = prepare_data(inputs, tokenizer, out, options, force=force)
         elif backend == "datatrove":
@@ -81,22 +90,32 @@ def register(app: typer.Typer) -> None:
         else:
             raise ElmError(f"--backend must be local or datatrove, got {backend!r}")
         typer.echo(describe_stats(out, stats, options))
-        if valid_fraction > 0 and stats["documents"]["valid"] == 0:
+        unit = "rows" if "rows" in stats else "documents"
+        if valid_fraction > 0 and stats[unit]["valid"] == 0:
+            kept = stats.get("chunks_kept", stats.get("documents_kept"))
             typer.echo(f"warning: no document fell in the valid split "
-                       f"(--valid-fraction {valid_fraction} of {stats['documents_kept']} documents)",
-                       err=True)
+                       f"(--valid-fraction {valid_fraction} of {kept} {unit})", err=True)
 
 
 def describe_stats(out: Path, stats: dict, options) -> str:
     """The summary line, then (for several sources) a line per source."""
-    tokens, documents = stats["tokens"], stats["documents"]
+    tokens = stats["tokens"]
     mixed = f", {stats['dropped_mix']} left out by the mix weights" if stats["dropped_mix"] else ""
-    lines = [f"{out}: {stats['documents_kept']} of {stats['documents_read']} documents kept "
-             f"({stats['dropped_min_chars']} under {options.min_chars} characters, "
-             f"{stats['dropped_min_tokens']} under {options.min_tokens} tokens, "
-             f"{stats['undecodable_skipped']} undecodable{mixed}); "
-             f"train {tokens['train']:,} tokens in {documents['train']} documents, "
-             f"valid {tokens['valid']:,} tokens in {documents['valid']} documents"]
+    filtered = (f"{stats['dropped_min_chars']} under {options.min_chars} characters, "
+                f"{stats['dropped_min_tokens']} under {options.min_tokens} tokens, "
+                f"{stats['undecodable_skipped']} undecodable{mixed}")
+    if "rows" in stats:  # corenet layout: the filters judge chunks, each kept chunk is a row
+        rows = stats["rows"]
+        lines = [f"{out}: {stats['chunks_kept']} of {stats['chunks_read']} chunks of at most "
+                 f"{options.chunk_words} words kept, from {stats['documents_read']} documents "
+                 f"({filtered}); train {tokens['train']:,} tokens in {rows['train']} rows, "
+                 f"valid {tokens['valid']:,} tokens in {rows['valid']} rows"]
+    else:
+        documents = stats["documents"]
+        lines = [f"{out}: {stats['documents_kept']} of {stats['documents_read']} documents kept "
+                 f"({filtered}); "
+                 f"train {tokens['train']:,} tokens in {documents['train']} documents, "
+                 f"valid {tokens['valid']:,} tokens in {documents['valid']} documents"]
     sources = stats["sources"]
     if len(sources) > 1:
         total = max(tokens["train"] + tokens["valid"], 1)

@@ -12,6 +12,14 @@ falls under `valid_fraction`. Under a weighted mix (mix.py) a second, independen
 which documents of each source are kept; every chunk's documents are then stored first (in the
 output's staging directory, or the datatrove backend's parts) and selected once every source's
 token count is known.
+
+`layout="corenet"` prepares CoreNet's own rows instead (docs/reference.md section 3): each
+document is cut into chunks of `chunk_words` space-separated words; a chunk is dropped under
+`min_chars` (the same count) or under `min_tokens` counting its BOS and EOS; a kept chunk is
+`ftfy.fix_text(chunk, normalization="NFC")` tokenized between BOS and EOS and stored whole as
+one row, its end in the split's row file (the loader cuts and pads it to seq_len + 1). A row
+takes its document's split and mix bucket, so a document's chunks stay together. The stats
+then count chunks: `chunks_read`, `chunks_kept`, the drops, and `rows` per split.
 """
 
 from __future__ import annotations
@@ -38,15 +46,24 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.modeldir import atomic_output_dir
+from elm_spec.names import DATA_LAYOUTS
 from elm_spec.outputs import crash_point, refuse_overlap
 from elm_spec.platform import usable_cores as default_workers
 from elm_spec.progress import byte_progress
-from elm_spec.tokenizer import EOS_ID, Tokenizer, write_tokenizer_files
-from elm_train.data.format import Shard, shard_name, token_dtype, write_index
+from elm_spec.tokenizer import BOS_ID, EOS_ID, Tokenizer, write_tokenizer_files
+from elm_train.data.format import (
+    ROW_ENDS_DTYPE,
+    Shard,
+    rows_name,
+    shard_name,
+    token_dtype,
+    write_index,
+)
 from elm_train.data.mix import BUCKET_BITS, BUCKETS, Mix, as_mix, thresholds
 from elm_train.data.sources import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
+    Documents,
     ReadOptions,
     SourceFile,
     expand_sources,
@@ -70,8 +87,14 @@ class PrepareOptions:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     workers: int = field(default_factory=default_workers)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    layout: str = "packed"
+    chunk_words: int = 2048  # corenet: words per chunk (CoreNet's document_split_size)
 
     def __post_init__(self) -> None:
+        if self.layout not in DATA_LAYOUTS:
+            raise ElmError(f"--layout must be one of {', '.join(DATA_LAYOUTS)}, got {self.layout!r}")
+        if self.chunk_words < 1:
+            raise ElmError(f"--chunk-words must be positive, got {self.chunk_words}")
         if not 0 <= self.valid_fraction < 1:
             raise ElmError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if self.shard_tokens < 1:
@@ -135,6 +158,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def word_chunks(text: str, words: int) -> list[str]:
+    """CoreNet's `_split_document_into_sequences`: WORDS words at a time, split on single spaces."""
+    pieces = text.split(" ")
+    return [" ".join(pieces[i: i + words]) for i in range(0, len(pieces), words)]
 
 
 @dataclass
@@ -221,6 +250,8 @@ class ChunkTokenizer:
         documents = read_chunk(chunk, options.read_options)
         counts = Counter(documents_read=len(documents.texts) + documents.undecodable,
                          undecodable_skipped=documents.undecodable)
+        if options.layout == "corenet":
+            return self._corenet_rows(documents, counts, chunk.source_bytes)
         candidates = [i for i, text in enumerate(documents.texts)
                       if has_min_chars(text, options.min_chars)]
         counts["dropped_min_chars"] = len(documents.texts) - len(candidates)
@@ -247,20 +278,60 @@ class ChunkTokenizer:
                         for split in (False, True))
         return ChunkResult(train, valid, counts, chunk.source_bytes)
 
-    def _encode(self, texts: list[str]) -> list[np.ndarray | None]:
-        """Token ids of each text followed by EOS; None for a text with no UTF-8 form."""
+    def _corenet_rows(self, documents: Documents, counts: Counter, source_bytes: int
+                      ) -> ChunkResult:
+        """CoreNet's rows: chunks that pass both filters, BOS ... EOS, each with its document's
+        split, source and mix bucket (`documents_*` count rows)."""
+        import ftfy
+
+        options = self.options
+        owners, texts = [], []  # the chunks that pass the character filter, and their document
+        for index, text in enumerate(documents.texts):
+            for piece in word_chunks(text, options.chunk_words):
+                counts["chunks_read"] += 1
+                if has_min_chars(piece, options.min_chars):
+                    owners.append(index)
+                    texts.append(ftfy.fix_text(piece, normalization="NFC"))
+                else:
+                    counts["dropped_min_chars"] += 1
+        rows, row_owners = [], []
+        for owner, ids in zip(owners, self._encode(texts, bos=True), strict=True):
+            if ids is None:
+                counts["undecodable_skipped"] += 1
+            elif len(ids) < options.min_tokens:  # BOS and EOS count, as in CoreNet
+                counts["dropped_min_tokens"] += 1
+            else:
+                rows.append(ids)
+                row_owners.append(owner)
+        file_indices = [documents.file_indices[i] for i in row_owners]
+        positions = [documents.positions[i] for i in row_owners]
+        to_valid = valid_mask(options.seed, file_indices, positions, options.valid_fraction)
+        buckets = mix_buckets(options.seed, file_indices, positions)
+        sources = np.array([documents.sources[i] for i in row_owners], dtype=np.int32)
+        counts["documents_train"] = int((~to_valid).sum())
+        counts["documents_valid"] = int(to_valid.sum())
+        train, valid = (SplitPart.pack([ids for ids, v in zip(rows, to_valid, strict=True)
+                                        if v == split], sources[to_valid == split],
+                                       buckets[to_valid == split], self.dtype)
+                        for split in (False, True))
+        return ChunkResult(train, valid, counts, source_bytes)
+
+    def _encode(self, texts: list[str], bos: bool = False) -> list[np.ndarray | None]:
+        """Token ids of each text followed by EOS (after BOS when BOS); None for a text with no
+        UTF-8 form."""
         processor = self.tokenizer.processor
         try:
-            return processor.Encode(texts, add_eos=True, num_threads=1, return_type="numpy")
+            return processor.Encode(texts, add_bos=bos, add_eos=True, num_threads=1,
+                                    return_type="numpy")
         except TypeError:  # a lone surrogate (from a JSON "\ud800" escape) somewhere in the batch
-            return [self._encode_one(text) for text in texts]
+            return [self._encode_one(text, bos) for text in texts]
 
-    def _encode_one(self, text: str) -> np.ndarray | None:
+    def _encode_one(self, text: str, bos: bool) -> np.ndarray | None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             return None
-        return self.tokenizer.processor.Encode(text, add_eos=True, return_type="numpy")
+        return self.tokenizer.processor.Encode(text, add_bos=bos, add_eos=True, return_type="numpy")
 
 
 _WORKER: ChunkTokenizer | None = None
@@ -365,6 +436,28 @@ class ShardWriter:
         self._open.pop(split, None)
 
 
+class RowEndsWriter:
+    """Appends the end of each row (corenet layout) to each split's row file."""
+
+    def __init__(self, directory: Path):
+        self.paths = {split: directory / rows_name(split) for split in ("train", "valid")}
+        self.handles = {split: path.open("wb") for split, path in self.paths.items()}
+        self.ends = dict.fromkeys(self.paths, 0)
+        self.rows = dict.fromkeys(self.paths, 0)
+
+    def write(self, split: str, lengths: np.ndarray) -> None:
+        ends = self.ends[split] + np.cumsum(lengths, dtype=np.uint64)
+        self.handles[split].write(ends.astype(ROW_ENDS_DTYPE).data)
+        if ends.size:
+            self.ends[split] = int(ends[-1])
+        self.rows[split] += int(ends.size)
+
+    def close(self) -> dict[str, Shard]:
+        for handle in self.handles.values():
+            handle.close()
+        return {split: Shard(path, self.rows[split]) for split, path in self.paths.items()}
+
+
 def prepare_data(sources: Sequence[str | os.PathLike[str]] | Mix,
                  tokenizer: str | os.PathLike[str], output: str | os.PathLike[str],
                  options: PrepareOptions | None = None, force: bool = False,
@@ -422,11 +515,14 @@ def write_prepared(results: Iterable[ChunkResult] | None, tok: Tokenizer,
         elif parts is not None:
             results = (load_part(path) for path in parts)
         writer = ShardWriter(staging, dtype, options.shard_tokens)
+        row_writer = RowEndsWriter(staging) if options.layout == "corenet" else None
         with _progress_bar(total_bytes, show_progress) as advance:
             for result in results:
                 for split in ("train", "valid"):
                     part = getattr(result, split)
                     writer.write(split, part.tokens)
+                    if row_writer is not None:
+                        row_writer.write(split, part.lengths)
                     totals[f"tokens_{split}"] += part.tokens.size
                     np.add.at(per_source[split][0], part.sources, part.lengths)
                     np.add.at(per_source[split][1], part.sources, 1)
@@ -434,23 +530,35 @@ def write_prepared(results: Iterable[ChunkResult] | None, tok: Tokenizer,
                 advance(result.source_bytes, totals)
                 crash_point("data-prepare")
         splits = writer.close()
+        rows = row_writer.close() if row_writer is not None else None
         shutil.rmtree(staging / ".mix-parts", ignore_errors=True)
         stats = _stats(totals, options, files_count=len(files), source_bytes=total_bytes)
         stats["sources"] = _source_stats(mix, per_source, available)
         if mix.weighted:
             stats["mix_tokens"] = mix.tokens
-        kept = stats["documents_kept"]
+        kept = stats.get("chunks_kept", stats.get("documents_kept"))
         if kept == 0:
-            raise ElmError(f"no documents kept: {stats['documents_read']} read, "
+            chunks = f" in {stats['chunks_read']} chunks" if "chunks_read" in stats else ""
+            raise ElmError(f"no documents kept: {stats['documents_read']} read{chunks}, "
                            f"{stats['dropped_min_chars']} under {options.min_chars} characters "
                            f"(--min-chars), {stats['dropped_min_tokens']} under {options.min_tokens} "
                            f"tokens (--min-tokens), {stats['undecodable_skipped']} undecodable")
         if not splits["train"]:
-            raise ElmError(f"all {kept} kept documents fell in the valid split "
+            raise ElmError(f"all {kept} kept {'rows' if rows else 'documents'} fell in the valid split "
                            f"(--valid-fraction {options.valid_fraction} is too large for this corpus)")
         write_tokenizer_files(tok.path, staging)
-        write_index(staging, dtype, tok.vocab_size, EOS_ID, splits, stats)
+        if rows is None:
+            write_index(staging, dtype, tok.vocab_size, EOS_ID, splits, stats)
+        else:
+            write_index(staging, dtype, tok.vocab_size, EOS_ID, splits, stats, rows, BOS_ID,
+                        corenet_pad_id(tok))
     return stats
+
+
+def corenet_pad_id(tok: Tokenizer) -> int:
+    """CoreNet's padding id: the tokenizer's own, or else the vocabulary size (32000 for Llama-2)."""
+    pad = int(tok.processor.pad_id())
+    return pad if pad >= 0 else tok.vocab_size
 
 
 def _save_parts(results: Iterable[ChunkResult], directory: Path, total_bytes: int,
@@ -500,6 +608,24 @@ def _stats(totals: Counter, options: PrepareOptions, files_count: int, source_by
     settings = asdict(options)
     for key in ("workers", "chunk_bytes"):  # they change how fast, never what is written
         settings.pop(key)
+    stored = {"train": totals["documents_train"], "valid": totals["documents_valid"]}
+    if options.layout == "corenet":  # filters, mix and splits count chunks, each kept one a row
+        return {
+            "source_files": files_count,
+            "source_bytes": source_bytes,
+            "documents_read": totals["documents_read"],
+            "chunks_read": totals["chunks_read"],
+            "chunks_kept": stored["train"] + stored["valid"],
+            "dropped_min_chars": totals["dropped_min_chars"],
+            "dropped_min_tokens": totals["dropped_min_tokens"],
+            "undecodable_skipped": totals["undecodable_skipped"],
+            "dropped_mix": totals["dropped_mix"],
+            "rows": stored,
+            "tokens": {"train": totals["tokens_train"], "valid": totals["tokens_valid"]},
+            "settings": settings,
+        }
+    for key in ("layout", "chunk_words"):  # packed data's index.json is as before layouts
+        settings.pop(key)
     return {
         "source_files": files_count,
         "source_bytes": source_bytes,
@@ -509,7 +635,7 @@ def _stats(totals: Counter, options: PrepareOptions, files_count: int, source_by
         "dropped_min_tokens": totals["dropped_min_tokens"],
         "undecodable_skipped": totals["undecodable_skipped"],
         "dropped_mix": totals["dropped_mix"],
-        "documents": {"train": totals["documents_train"], "valid": totals["documents_valid"]},
+        "documents": stored,
         "tokens": {"train": totals["tokens_train"], "valid": totals["tokens_valid"]},
         "settings": settings,
     }

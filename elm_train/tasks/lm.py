@@ -14,12 +14,22 @@ from elm_spec.spec_file import read_spec_file
 from elm_spec.tokenizer import SENTENCEPIECE_FILE
 from elm_train.config import Config
 from elm_train.data.format import INDEX_FILE, TokenData, read_index
-from elm_train.data.loader import SyntheticTokenLoader, TokenWindowLoader
+from elm_train.data.loader import (
+    DocumentRowLoader,
+    SyntheticTokenLoader,
+    TokenWindowLoader,
+    require_corenet_rows,
+)
 from elm_train.tasks.base import Task
 
+# CoreNet's embedding: the vocabulary plus the pad row, rounded up for the hardware (32000 + 1 ->
+# 32128 rows, docs/reference.md section 2).
+EMBEDDING_ROW_MULTIPLE = 128
 
-def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
-    """The model shape: preset, spec file or init_from dir, with the vocabulary fitted to the data."""
+
+def spec_from_config(config: Config, data: TokenData | None, layout: str = "packed") -> ModelSpec:
+    """The model shape: preset, spec file or init_from dir, with the vocabulary fitted to the data
+    (and, for the corenet layout, its pad id)."""
     model = config.model
     if model.preset:
         spec = ModelSpec.from_preset(model.preset)
@@ -27,13 +37,19 @@ def spec_from_config(config: Config, data: TokenData | None) -> ModelSpec:
         spec = read_spec_file(model.spec)
     else:
         spec = read_spec(model.init_from)
+    rows = data.vocab_size if data is not None else 0
+    needed = f"vocabulary of {rows} tokens"
+    if data is not None and layout == "corenet":
+        rows = max(rows, data.pad_id + 1)
+        needed = f"pad id {data.pad_id} (data.layout corenet)"
     if model.vocab_size is not None:
         spec = spec.replace(vocab_size=model.vocab_size)
     elif data is not None and not model.init_from:
-        spec = spec.replace(vocab_size=data.vocab_size)
-    if data is not None and data.vocab_size > spec.vocab_size:
-        raise ElmError(f"{data.directory / INDEX_FILE}: vocabulary of {data.vocab_size} tokens does "
-                       f"not fit the model's vocab_size {spec.vocab_size}")
+        multiple = EMBEDDING_ROW_MULTIPLE if layout == "corenet" else 1
+        spec = spec.replace(vocab_size=-(-rows // multiple) * multiple)
+    if rows > spec.vocab_size:
+        raise ElmError(f"{data.directory / INDEX_FILE}: {needed} does not fit the model's "
+                       f"vocab_size {spec.vocab_size}")
     return spec
 
 
@@ -49,7 +65,13 @@ class LanguageModelTask(Task):
                 raise ElmError(f"{directory}: no prepared token data ({INDEX_FILE} missing; "
                                "write it with `elm data prepare`)")
             self.data = read_index(directory)
-        self.spec = spec_from_config(config, self.data)
+        self.layout = config.data.layout or (self.data.layout if self.data else "packed")
+        if self.layout == "corenet" and self.data is None:
+            raise ElmError("data.layout corenet needs data.path (prepared with "
+                           "`elm data prepare --layout corenet`), not synthetic tokens")
+        if self.layout == "corenet":
+            require_corenet_rows(self.data)
+        self.spec = spec_from_config(config, self.data, self.layout)
         if config.train.seq_len > self.spec.max_context_length:
             raise ElmError(f"train.seq_len {config.train.seq_len} is longer than the model's "
                            f"max_context_length {self.spec.max_context_length}")
@@ -76,7 +98,7 @@ class LanguageModelTask(Task):
         model = dataclasses.replace(config.model, preset=None, init_from=None, vocab_size=None,
                                     spec=str(checkpoint_dir / CONFIG_FILE),
                                     tokenizer=str(checkpoint_dir) if (checkpoint_dir / SENTENCEPIECE_FILE).is_file() else None)
-        data = dataclasses.replace(config.data, path=None, synthetic=True)
+        data = dataclasses.replace(config.data, path=None, synthetic=True, layout=None)
         return cls(dataclasses.replace(config, model=model, data=data))
 
     def build_model(self) -> torch.nn.Module:
@@ -96,13 +118,15 @@ class LanguageModelTask(Task):
             seed = self.config.data.seed + (0 if split == "train" else 1)
             return SyntheticTokenLoader(self.spec.vocab_size, train.seq_len, train.micro_batch_size,
                                         rank, seed)
-        return TokenWindowLoader(self.data, split, train.seq_len, train.micro_batch_size, rank,
-                                 world_size, self.config.data.seed, shuffle=split == "train")
+        loader = DocumentRowLoader if self.layout == "corenet" else TokenWindowLoader
+        return loader(self.data, split, train.seq_len, train.micro_batch_size, rank, world_size,
+                      self.config.data.seed, shuffle=split == "train")
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = model(batch["input_ids"]).float()
-        return language_model_loss(logits, batch["labels"], self.config.optim.z_loss)
+        ignore = self.data.pad_id if self.layout == "corenet" else None
+        return language_model_loss(logits, batch["labels"], self.config.optim.z_loss, ignore)
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
@@ -126,13 +150,22 @@ class LanguageModelTask(Task):
                               dtype=dtype, force=force)
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float,
+                        ignore_id: int | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean cross-entropy plus z_loss_weight * mean(logsumexp^2), sharing one logsumexp."""
+    """Mean cross-entropy plus z_loss_weight * mean(logsumexp^2), sharing one logsumexp; both
+    means over the positions whose label is not IGNORE_ID (CoreNet's padding)."""
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     log_normalizer = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, labels[:, None]).squeeze(1)
-    cross_entropy = (log_normalizer - target).mean()
-    z_loss = z_loss_weight * log_normalizer.square().mean()
+    if ignore_id is None:
+        cross_entropy = (log_normalizer - target).mean()
+        z_loss = z_loss_weight * log_normalizer.square().mean()
+    else:
+        # Weights, not boolean indexing: the host never waits for a count of kept positions.
+        keep = (labels != ignore_id).to(logits.dtype)
+        kept = keep.sum().clamp_min(1)
+        cross_entropy = ((log_normalizer - target) * keep).sum() / kept
+        z_loss = z_loss_weight * (log_normalizer.square() * keep).sum() / kept
     return cross_entropy + z_loss, {"loss": cross_entropy.detach(), "z_loss": z_loss.detach()}
