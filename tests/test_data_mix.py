@@ -166,3 +166,21 @@ def test_cli_mix_summary_names_each_source(sources, tokenizer_dir, tmp_path):
         tokens = source["tokens"]["train"] + source["tokens"]["valid"]
         assert line.startswith(f"  {source['name']}: {tokens:,} tokens"), line
         assert f"weight {source['weight']:g} ({100 * WEIGHTS[source['name']]:.2f}%)" in line
+
+
+def test_corenet_rows_under_a_weighted_mix(sources, tokenizer_dir, tmp_path):
+    """The mix keeps or leaves out rows (a document's chunks together); each kept row is whole."""
+    mix = read_mix(Path(sources["root"][0]) / "mix.yaml")
+    options = PrepareOptions(workers=2, layout="corenet", chunk_words=40, **OPTIONS)
+    stats = prepare_data(mix, tokenizer_dir, tmp_path / "data", options, show_progress=False)
+    data = read_index(tmp_path / "data")
+    assert stats["dropped_mix"] > 0 and stats["chunks_read"] > stats["documents_read"]
+    for split in ("train", "valid"):
+        stream = np.concatenate([np.asarray(data.memmap(s)) for s in data.shards(split)])
+        ends = data.row_ends(split).tolist()
+        rows = [stream[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        assert len(rows) == stats["rows"][split] > 0
+        assert all(row[0] == 1 and row[-1] == 2 and 2 not in row[1:-1] for row in rows)
+    assert stats["chunks_kept"] == sum(stats["rows"].values())
+    assert sum(s["documents"]["train"] + s["documents"]["valid"] for s in stats["sources"]) \
+        == stats["chunks_kept"]
