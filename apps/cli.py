@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from importlib import metadata
 from typing import NoReturn
 
 import typer
@@ -29,10 +28,9 @@ app = typer.Typer(
 
 def _print_version(requested: bool) -> None:
     if requested:
-        try:
-            print(f"elm {metadata.version('elm')}")
-        except metadata.PackageNotFoundError:
-            print("elm (not installed: run from a source tree; scripts/setup.sh installs it)")
+        from apps.commands.doctor import elm_version
+
+        print(f"elm {elm_version()}")
         raise typer.Exit()
 
 

@@ -405,9 +405,9 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.console import Console
+        from elm_spec.progress import make_console
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         if console.is_terminal:
             from rich.progress import (
                 BarColumn,

@@ -74,6 +74,11 @@ def test_sigkilled_run_resumes_to_the_same_adapters(resumed_run):
     log = resumed_run["resume_log"]
     step = int(log.split("(step ")[1].split(")")[0])
     assert 0 < step < 40, log
+    # Piped into a log, report lines stay whole (rich would break them at 80 columns).
+    reports = [line for line in log.splitlines() if ": train loss " in line]
+    assert reports and all(re.fullmatch(r"step \d+: train loss .*, peak memory [\d.]+ GB", line)
+                           for line in reports), log
+    assert re.search(r"^lora on .* trainable parameters .*; packing o(n|ff)$", log, re.M), log
     whole = mx.load(str(resumed_run["whole"] / "adapters.safetensors"))
     resumed = mx.load(str(resumed_run["killed"] / "adapters.safetensors"))
     assert sorted(whole) == sorted(resumed)

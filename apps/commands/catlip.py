@@ -155,9 +155,9 @@ def bench(
 ) -> None:
     """Images/s and step time of CatLIP vs CLIP (forward + backward + AdamW), side by side."""
     import torch
-    from rich.console import Console
     from rich.table import Table
 
+    from elm_spec.progress import make_console
     from elm_spec.vit import ViTSpec
     from elm_train.catlip.bench import run_bench
     from elm_train.catlip.clip import TextSpec
@@ -178,7 +178,7 @@ def bench(
     for result in (catlip, clip):
         table.add_row(result.name, f"{result.parameters:,}", f"{result.median_step_s:.3f}",
                       f"{result.images_per_s:.2f}")
-    Console().print(table)
+    make_console().print(table)
     ratio = catlip.images_per_s / clip.images_per_s
     typer.echo(f"CatLIP/CLIP throughput: {ratio:.2f}x")
     if json_out is not None:

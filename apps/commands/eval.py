@@ -31,10 +31,11 @@ DEVICE = typer.Option(None, "--device", help="torch: cpu, cuda, cuda:1...; mlx: 
 @contextmanager
 def progress_bar() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     """add(description, total) -> advance(n); the bar goes to stderr, so --json stays clean."""
-    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    from elm_spec.progress import make_console
+
+    with Progress(console=make_console(stderr=True), transient=True) as progress:
         def add(description: str, total: int) -> Callable[[int], None]:
             task = progress.add_task(description, total=total)
             return lambda n: progress.advance(task, n)

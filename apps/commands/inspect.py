@@ -15,11 +15,11 @@ def register(app: typer.Typer) -> None:
         layers: bool = typer.Option(True, "--layers/--no-layers", help="Show the per-layer table."),
     ) -> None:
         """Show a model directory's spec, per-layer shapes, parameters, dtypes and sizes."""
-        from rich.console import Console
         from rich.table import Table
 
         from elm_spec.hub import resolve
         from elm_spec.modeldir import check_tensors, read_config, read_spec
+        from elm_spec.progress import make_console
         from elm_spec.tokenizer import SENTENCEPIECE_FILE, Tokenizer
 
         model = resolve(model)
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         config = read_config(model)
         quantization = config.get("quantization")
         tensors = check_tensors(model, spec, quantization)
-        console = Console(soft_wrap=True)  # piped into a log, lines stay whole
+        console = make_console()
         console.print(f"[bold]{model}[/bold]: {spec.describe()}")
         dtypes = Counter()
         for info in tensors.values():

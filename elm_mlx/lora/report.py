@@ -16,6 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from elm_spec.progress import make_console
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -23,7 +25,7 @@ class Reporter:
     """Shows the bar (loss, tokens/s, peak memory) and appends each report to metrics.jsonl."""
 
     def __init__(self, adapter_path: Path, iters: int, start: int, console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.metrics = adapter_path / METRICS_FILE
         self.progress = Progress(
             TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),

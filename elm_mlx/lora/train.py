@@ -52,6 +52,7 @@ from elm_mlx.lora.report import Reporter
 from elm_spec import ElmError
 from elm_spec.chat_template import resolve_chat_template
 from elm_spec.outputs import crash_point, output_lock
+from elm_spec.progress import make_console
 from elm_spec.writes import write_json_atomic, writing
 
 # Settings a resumed run must share with the run it continues.
@@ -197,7 +198,7 @@ def finetune(config: FinetuneConfig, console: Console | None = None) -> dict[str
     adapter_path = Path(config.adapter_path)
     with writing(adapter_path), output_lock(adapter_path):
         remove_leftovers(adapter_path)
-        return _finetune(config, console or Console(), adapter_path)
+        return _finetune(config, console or make_console(), adapter_path)
 
 
 def sequence_length(requested: int | None, context: int, console: Console) -> int:
