@@ -18,7 +18,7 @@ from elm_train.data.distributed import prepare_data_distributed
 from elm_train.data.hub import parse
 from elm_train.data.mix import Mix, MixSource
 from elm_train.data.prepare import PrepareOptions, prepare_data
-from elm_train.data.sources import expand_sources
+from elm_train.data.sources import LINE_MARGIN, ReadOptions, expand_sources, plan_chunks, read_chunk
 
 pytestmark = pytest.mark.slow  # a loopback server, datatrove tasks and subprocesses
 
@@ -35,7 +35,9 @@ def hub(corpus) -> Iterator[FakeHub]:
         "data/train-00001-of-00003.json.gz": gz,
         "data/train-00002-of-00003.parquet": parquet,
         "data/test-00000-of-00001.jsonl": jsonl,
-    })}).start()
+    }), "elm-test/lines": Repo(files={"train.jsonl": "".join(
+        json.dumps({"text": f"line {n} " + "x" * (n % 300)}) + "\n" for n in range(800)).encode()}),
+    }).start()
     yield fake
     fake.stop()
 
@@ -104,6 +106,29 @@ def test_streamed_dataset_gives_the_bytes_of_its_files_on_disk(served, tokenizer
     assert_same_files(from_disk, out)
     reads = [r for r in served.requests if "/resolve/" in r]
     assert reads and all(" bytes=" in r for r in reads)  # range requests, not downloads
+
+
+def test_a_line_range_fetches_its_own_bytes(served):
+    """Each chunk of a Hub JSONL file is fetched from the byte before it to the end of its last
+    line, and less than LINE_MARGIN more: not the rest of the file (fsspec's read-ahead)."""
+    jsonl = served.datasets["elm-test/lines"].files["train.jsonl"]
+    files = expand_sources(["hf://datasets/elm-test/lines"])
+    options = ReadOptions()
+    step = OPTIONS["chunk_bytes"]
+    chunks = list(plan_chunks(files, options, step))
+    texts = [t for chunk in chunks for t in read_chunk(chunk, options).texts]
+    assert texts == [json.loads(line)["text"] for line in jsonl.splitlines()]
+    fetched = 0
+    for request in served.requests:
+        if request.startswith("GET ") and "/train.jsonl bytes=" in request:
+            start, end = map(int, request.rsplit("bytes=", 1)[1].split("-"))
+            fetched += end + 1 - start
+    needed = 0
+    for start in range(0, len(jsonl), step):
+        end, begin = min(start + step, len(jsonl)), max(start - 1, 0)
+        needed += jsonl.index(b"\n", end - 1) + 1 - begin
+    assert len(chunks) > 5 and needed <= fetched < needed + len(chunks) * LINE_MARGIN, (
+        fetched, needed, len(jsonl))
 
 
 def test_datatrove_tasks_stream_the_same_bytes(served, tokenizer_dir, from_disk, tmp_path):

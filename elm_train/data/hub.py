@@ -135,10 +135,12 @@ def _names_split(path: str, split: str) -> bool:
                for part in path.split("/"))
 
 
-def open_file(path: str, size: int) -> BinaryIO:
-    """A seekable reader of a Hub file that fetches the byte ranges it is asked for."""
+def open_file(path: str, size: int, block_size: int, cache_type: str) -> BinaryIO:
+    """A seekable reader of a Hub file of SIZE bytes that fetches the ranges it is asked for
+    (fsspec's CACHE_TYPE and BLOCK_SIZE: its default 5 MB would fetch a 1 MB chunk five times)."""
     from huggingface_hub import HfFileSystem
 
     source = parse(path)
     with hub_errors(source.name, source.revision):
-        return HfFileSystem().open(path, "rb", size=size)
+        return HfFileSystem().open(path, "rb", size=size, block_size=block_size,
+                                   cache_type=cache_type)

@@ -516,7 +516,9 @@ def write_prepared(results: Iterable[ChunkResult] | None, tok: Tokenizer,
             results = (load_part(path) for path in parts)
         writer = ShardWriter(staging, dtype, options.shard_tokens)
         row_writer = RowEndsWriter(staging) if options.layout == "corenet" else None
-        with _progress_bar(total_bytes, show_progress) as advance:
+        # under a mix the chunks were tokenized above: this pass selects and writes
+        label = "writing" if mix.weighted or parts is not None else "tokenizing"
+        with _progress_bar(total_bytes, show_progress, label) as advance:
             for result in results:
                 for split in ("train", "valid"):
                     part = getattr(result, split)
@@ -570,6 +572,8 @@ def _save_parts(results: Iterable[ChunkResult], directory: Path, total_bytes: in
             paths.append(directory / f"part-{number:08d}.npz")
             save_part(paths[-1], result)
             totals.update(result.counts)
+            totals["tokens_train"] += result.train.tokens.size
+            totals["tokens_valid"] += result.valid.tokens.size
             advance(result.source_bytes, totals)
     return paths
 
@@ -642,7 +646,8 @@ def _stats(totals: Counter, options: PrepareOptions, files_count: int, source_by
 
 
 @contextlib.contextmanager
-def _progress_bar(total_bytes: int, enabled: bool) -> Iterator[Callable[[int, Counter], None]]:
+def _progress_bar(total_bytes: int, enabled: bool, label: str = "tokenizing"
+                  ) -> Iterator[Callable[[int, Counter], None]]:
     """A rich progress bar over source bytes that also shows documents and tokens so far."""
     if not enabled:
         yield lambda *_: None
@@ -650,7 +655,7 @@ def _progress_bar(total_bytes: int, enabled: bool) -> Iterator[Callable[[int, Co
     from rich.progress import TextColumn
 
     progress = byte_progress(
-        "tokenizing", TextColumn("{task.fields[documents]} docs, {task.fields[tokens]} tokens"))
+        label, TextColumn("{task.fields[documents]} docs, {task.fields[tokens]} tokens"))
     task = progress.add_task("prepare", total=total_bytes, documents=0, tokens=0)
 
     def advance(source_bytes: int, totals: Counter) -> None:

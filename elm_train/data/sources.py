@@ -32,6 +32,7 @@ SUFFIX_FORMATS = {
     ".parquet": "parquet",
 }
 DEFAULT_CHUNK_BYTES = 1 << 20
+LINE_MARGIN = 16 << 10  # a line range reads the rest of its last line by this much
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,13 @@ class SourceFile:
     def is_local(self) -> bool:
         return not hub.is_hub_source(self.path)
 
-    def open(self) -> BinaryIO:
-        return open(self.path, "rb") if self.is_local else hub.open_file(self.path, self.size)
+    def open(self, exact: bool = False) -> BinaryIO:
+        """The file's bytes. From the Hub each read is a ranged GET: of at least a chunk's bytes
+        (read ahead for sequential reads), or, when EXACT, of just the bytes asked for."""
+        if self.is_local:
+            return open(self.path, "rb")
+        return hub.open_file(self.path, self.size, DEFAULT_CHUNK_BYTES,
+                             "none" if exact else "readahead")
 
     def key(self, options: ReadOptions) -> str:
         return self.text_key or options.text_key
@@ -294,17 +300,29 @@ def _read_chunk(chunk: Chunk, options: ReadOptions) -> Documents:
 
 
 def _read_line_range(chunk: LineRange) -> tuple[int, bytes]:
-    """The bytes of every line starting in [start, end): a line belongs to the range it starts in."""
-    with chunk.file.open() as handle:
-        if chunk.start > 0:
-            handle.seek(chunk.start - 1)
-            handle.readline()  # the rest of a line that started in the previous range
-        offset = handle.tell()
-        if offset >= chunk.end:
-            return offset, b""
-        data = handle.read(chunk.end - offset)
-        if not data.endswith(b"\n"):
-            data += handle.readline()
+    """The bytes of every line starting in [start, end): a line belongs to the range it starts in.
+
+    Read as the range (from the byte before it) and then LINE_MARGIN bytes at a time until its
+    last line ends: from the Hub, that many ranged GETs and no byte more.
+    """
+    begin = max(chunk.start - 1, 0)
+    with chunk.file.open(exact=True) as handle:
+        handle.seek(begin)
+        data = handle.read(chunk.end - begin)
+        offset = begin
+        if chunk.start > 0:  # skip the rest of a line that started in the previous range
+            cut = data.find(b"\n")
+            if cut < 0:
+                return chunk.end, b""
+            data, offset = data[cut + 1:], begin + cut + 1
+        while data and not data.endswith(b"\n"):
+            more = handle.read(LINE_MARGIN)
+            if not more:
+                break
+            cut = more.find(b"\n")
+            data += more if cut < 0 else more[:cut + 1]
+            if cut >= 0:
+                break
     return offset, data
 
 
