@@ -20,6 +20,7 @@ from elm_spec.names import (
     ATTENTION_KINDS,
     DATA_LAYOUTS,
     FLOAT8_RECIPES,
+    SHARDED_STRATEGIES,
     STRATEGIES,
     TRAIN_DTYPES,
 )
@@ -104,6 +105,10 @@ class ParallelConfig:
     strategy: str = "none"
     # hsdp only: size of the replicate dimension (default: the number of nodes).
     replicate_degree: int | None = None
+    # FSDP strategies: the dtype gradients are reduced in (parameters compute in train.dtype).
+    reduce_dtype: str = "float32"
+    # The model's floating-point buffers (the rotary tables); CoreNet's FSDP keeps them in bf16.
+    buffer_dtype: str = "float32"
 
 
 @dataclass
@@ -152,6 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS, "model.attention": ATTENTION_KINDS, "train.dtype": TRAIN_DTYPES, "train.device": DEVICES,
     "train.activation_checkpointing": AC_MODES, "train.float8": FLOAT8_RECIPES,
     "parallel.strategy": STRATEGIES, "optim.implementation": ADAMW_IMPLEMENTATIONS,
+    "parallel.reduce_dtype": TRAIN_DTYPES, "parallel.buffer_dtype": TRAIN_DTYPES,
 }
 POSITIVE = ("train.seq_len", "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps",
             "log.every", "checkpoint.keep", "train.eval_batches")
@@ -175,7 +181,9 @@ def _openelm_recipe(preset: str, lr: float, checkpointing: str, strategy: str) -
         "train": {"seq_len": 2048, "micro_batch_size": 16,
                   "global_batch_tokens": CORENET_GLOBAL_BATCH_TOKENS, "max_steps": 350_000,
                   "dtype": "bfloat16", "activation_checkpointing": checkpointing},
-        "parallel": {"strategy": strategy},
+        # CoreNet's FSDP (3B) also keeps the buffers in bf16; gradients reduce in fp32.
+        "parallel": {"strategy": strategy,
+                     **({"buffer_dtype": "bfloat16"} if strategy == "fsdp" else {})},
     }
 
 
@@ -267,6 +275,10 @@ def _check_values(config: Config) -> None:
     replicate = config.parallel.replicate_degree
     if replicate is not None and replicate <= 0:
         raise ElmError(f"parallel.replicate_degree: must be positive, got {replicate}")
+    if config.parallel.reduce_dtype != "float32" and config.parallel.strategy not in SHARDED_STRATEGIES:
+        raise ElmError(f"parallel.reduce_dtype: {config.parallel.reduce_dtype!r} applies to "
+                       f"{', '.join(SHARDED_STRATEGIES)}; {config.parallel.strategy} reduces the "
+                       "float32 gradients as they are")
     if config.task in ("lm", "dpo"):
         sources = [k for k in ("preset", "spec", "init_from") if getattr(config.model, k)]
         if len(sources) != 1:

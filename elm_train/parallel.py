@@ -235,9 +235,20 @@ def build_mesh(ctx: DistContext, strategy: str, replicate_degree: int | None):
                             mesh_dim_names=("replicate", "shard"))
 
 
+def cast_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    """The model's floating-point buffers in DTYPE (parameters stay as they are)."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: torch.dtype,
-               replicate_degree: int | None = None) -> nn.Module:
-    """Move to the device and apply the data-parallel strategy; the model itself is unchanged."""
+               replicate_degree: int | None = None,
+               reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Move to the device and apply the data-parallel strategy; the model itself is unchanged.
+    Under FSDP each block computes with PARAM_DTYPE copies of its float32 parameters and
+    reduces gradients in REDUCE_DTYPE (FSDP2's MixedPrecisionPolicy)."""
     if strategy != "none" and ctx.world_size == 1 and not ctx.distributed:
         strategy = "none"
     if strategy == "none":
@@ -254,7 +265,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, strategy: str, param_dtype: t
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_mesh(ctx, strategy, replicate_degree)
-    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     reshard = strategy != "fsdp-grad-op"
     model = model.to(ctx.device)
     blocks = transformer_blocks(model)

@@ -154,7 +154,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     parallel.apply_activation_checkpointing(model, tc.activation_checkpointing)
     if tc.compile:
         parallel.apply_compile(model)
-    model = parallel.wrap_model(model, ctx, strategy, dtype, config.parallel.replicate_degree)
+    parallel.cast_buffers(model, torch_dtype(config.parallel.buffer_dtype))
+    model = parallel.wrap_model(model, ctx, strategy, dtype, config.parallel.replicate_degree,
+                                torch_dtype(config.parallel.reduce_dtype))
     task.setup(lambda frozen: parallel.wrap_frozen(frozen, ctx, strategy, dtype,
                                                    config.parallel.replicate_degree))
     autocast = (torch.autocast(ctx.device.type, dtype=dtype)

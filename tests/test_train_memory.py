@@ -221,3 +221,27 @@ def test_out_of_memory_dumps_the_allocator_history_on_a_gpu(monkeypatch, tmp_pat
         assert "memory_snapshot" not in record and history == []
     assert sorted(p.name for p in run_dir.iterdir()) == (
         ["memory-snapshot-rank-00000.pickle", "metrics.jsonl"] if dumped else ["metrics.jsonl"])
+
+
+# ----- FSDP mixed precision settings (the gloo test: test_train_precision.py) -----------------
+def test_corenets_fsdp_recipe_keeps_buffers_in_bf16_and_reduces_in_fp32() -> None:
+    config = load_config(data={"recipe": "openelm-3b", "data": {"synthetic": True}})
+    assert (config.parallel.strategy, config.parallel.buffer_dtype,
+            config.parallel.reduce_dtype) == ("fsdp", "bfloat16", "float32")
+    small = load_config(data={"recipe": "openelm-270m", "data": {"synthetic": True}})
+    assert (small.parallel.buffer_dtype, small.parallel.reduce_dtype) == ("float32", "float32")
+
+
+def test_a_bf16_reduction_outside_fsdp_is_refused() -> None:
+    with pytest.raises(ElmError, match=r"^config: parallel.reduce_dtype: .bfloat16. applies to fsdp, "
+                                       r"fsdp-grad-op, hsdp; ddp reduces"):
+        load_config(data={"model": {"preset": "elm-tiny"}, "data": {"synthetic": True},
+                          "parallel": {"strategy": "ddp", "reduce_dtype": "bfloat16"}})
+
+
+def test_cast_buffers_leaves_parameters_alone() -> None:
+    model = tiny_model()
+    parallel.cast_buffers(model, torch.bfloat16)
+    assert model.transformer.rope.cos.dtype == model.transformer.rope.sin.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert "transformer.rope.cos" not in model.state_dict()  # still not saved in checkpoints
