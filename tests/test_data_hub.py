@@ -172,3 +172,24 @@ def test_what_is_missing_is_named(served, tokenizer_dir, tmp_path, source, messa
         prepare_data([source], tokenizer_dir, tmp_path / "bad", PrepareOptions(workers=1),
                      show_progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_offline_reads_the_snapshot_in_the_local_cache(served, tokenizer_dir, from_disk, tmp_path):
+    """HF_HUB_OFFLINE=1: the dataset comes from the cache the real client populated, same bytes."""
+    from huggingface_hub import snapshot_download
+
+    home = tmp_path / "hf"
+    snapshot_download("elm-test/corpus", repo_type="dataset", cache_dir=home / "hub")
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    common = ["--tokenizer", str(tokenizer_dir), "--valid-fraction", "0.3", "--seed", "7",
+              "--shard-tokens", "3000", "--workers", "1"]
+    served.requests.clear()
+    result = run_elm("data", "prepare", DATASET, *common, "--out", str(tmp_path / "data"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert not served.requests  # nothing asked of the Hub
+    for name in (p.name for p in from_disk.glob("*.bin")):
+        assert (tmp_path / "data" / name).read_bytes() == (from_disk / name).read_bytes(), name
+    missing = run_elm("data", "prepare", "hf://datasets/elm-test/other", *common,
+                      "--out", str(tmp_path / "bad"), env=env)
+    one_line_failure(missing, "hf://datasets/elm-test/other: not in the local Hub cache")

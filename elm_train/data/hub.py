@@ -9,6 +9,9 @@ Without a GLOB, `split` (default `train`) picks the files whose path names the s
 Hub names them (`data/train-00000-of-00004.parquet`, `train.jsonl`, `train/0000.parquet`), with
 the Hub's aliases (`validation` also matches `valid`, `dev`, `val`); a repository where no file
 names a split holds only `train`.
+
+Offline (HF_HUB_OFFLINE=1) a dataset is read from its snapshot in the local Hub cache (`hf
+download --repo-type dataset ORG/NAME`), the same files in the same order, so the same bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, unquote
 
@@ -85,12 +89,29 @@ def pin(text: str) -> str:
 def _commit(source: HubSource) -> str:
     from huggingface_hub import HfApi
 
+    if _offline():
+        return _snapshot(source).name  # the cache names each snapshot by its commit
     with hub_errors(source.name, source.revision):
         return HfApi().dataset_info(source.repo_id, revision=source.revision).sha
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+def _snapshot(source: HubSource) -> Path:
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(source.name, source.revision):
+        return Path(snapshot_download(source.repo_id, repo_type="dataset",
+                                      revision=source.revision, local_files_only=True))
+
+
 def list_files(text: str, readable: Callable[[str], bool]) -> tuple[list[tuple[str, int]], str | None]:
     """The (path, size) of each file TEXT names, at one commit, sorted by path; and the column.
+    Offline, the paths are those of the cached snapshot.
 
     READABLE(name) tells whether elm reads a file of that name.
     """
@@ -99,11 +120,18 @@ def list_files(text: str, readable: Callable[[str], bool]) -> tuple[list[tuple[s
     from huggingface_hub.hf_api import RepoFile
 
     source = parse(text)
-    commit = _commit(source)
-    with hub_errors(source.name, source.revision):
-        tree = HfApi().list_repo_tree(source.repo_id, repo_type="dataset", revision=commit,
-                                      recursive=True)
-        files = {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+    if _offline():
+        root = _snapshot(source)
+        files = {p.relative_to(root).as_posix(): p.stat().st_size
+                 for p in root.rglob("*") if p.is_file()}
+        prefix = f"{root}/"
+    else:
+        commit = _commit(source)
+        with hub_errors(source.name, source.revision):
+            tree = HfApi().list_repo_tree(source.repo_id, repo_type="dataset", revision=commit,
+                                          recursive=True)
+            files = {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+        prefix = f"{PREFIX}{source.repo_id}@{commit}/"
     if source.pattern:
         wanted = re.compile(glob_translate(source.pattern))
         chosen = [path for path in files if wanted.match(path)]
@@ -125,7 +153,6 @@ def list_files(text: str, readable: Callable[[str], bool]) -> tuple[list[tuple[s
         if not chosen:
             raise ElmError(f"{text}: no split {source.split!r} in the dataset "
                            f"(splits: {', '.join(found)})")
-    prefix = f"{PREFIX}{source.repo_id}@{commit}/"
     return [(prefix + path, files[path]) for path in sorted(chosen)], source.column
 
 
