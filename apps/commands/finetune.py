@@ -1,4 +1,5 @@
-"""`elm finetune --lora`: LoRA, DoRA, QLoRA and full fine-tuning on MLX, resumable."""
+"""`elm finetune --lora`: LoRA, DoRA, QLoRA and full fine-tuning on MLX, resumable; supervised,
+or on preference pairs with `--dpo` / `--orpo`."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def register(app: typer.Typer) -> None:
         chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file; "
                                           "'none' disables the shipped OpenELM-instruct fallback."),
         resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --adapter-path."),
+        dpo: bool = typer.Option(None, "--dpo", help="Direct preference optimization on "
+                                 "prompt/chosen/rejected pairs (docs/finetune.md)."),
+        orpo: bool = typer.Option(None, "--orpo", help="ORPO on preference pairs: no reference model."),
+        beta: float = typer.Option(None, "--beta", help="DPO/ORPO strength: the KL weight, or "
+                                   "ORPO's odds-ratio weight (default 0.1)."),
+        label_smoothing: float = typer.Option(None, "--label-smoothing", help="DPO: the assumed "
+                                              "share of mislabelled pairs, in [0, 0.5) (default 0)."),
+        ipo: bool = typer.Option(None, "--ipo", help="DPO: the IPO squared loss instead of the sigmoid."),
+        ref_model: str = typer.Option(None, "--ref-model", help="DPO reference model directory "
+                                      "(default: the base model with the adapters disabled)."),
+        cache_ref_logps: bool = typer.Option(None, "--cache-ref-logps", help="DPO: compute the "
+                                             "reference log-probabilities once, before training."),
         upload_repo: str = typer.Option(None, "--upload-repo", help="Publish the adapters to this "
                                         "Hub repo (ORG/NAME), with a model card."),
     ) -> None:
@@ -71,7 +84,8 @@ def register(app: typer.Typer) -> None:
                      test_batches=test_batches, max_seq_length=max_seq_length,
                      grad_checkpoint=grad_checkpoint, grad_accumulation_steps=grad_accumulation_steps,
                      clear_cache_threshold=clear_cache_threshold, seed=seed, mask_prompt=mask_prompt, pack=pack, chat_template=chat_template,
-                     resume=resume)
+                     resume=resume, dpo=dpo, orpo=orpo, beta=beta, label_smoothing=label_smoothing,
+                     ipo=ipo, ref_model=ref_model, cache_ref_logps=cache_ref_logps)
         config = build_config(config_file, flags)
         run_finetune(config)
         if upload_repo is not None:

@@ -51,6 +51,23 @@ class FinetuneConfig:
     pack: bool | None = None  # None: on for text data, off for completions and chat
     chat_template: str | None = None
     resume: bool = False
+    # Preference tuning (elm_mlx.lora.preference): the data are prompt/chosen/rejected pairs.
+    dpo: bool = False
+    orpo: bool = False
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    ipo: bool = False
+    ref_model: str | None = None  # None: the base model itself, with the adapters disabled
+    cache_ref_logps: bool = False
+
+    @property
+    def objective(self) -> str:
+        """sft, dpo, ipo or orpo."""
+        if self.orpo:
+            return "orpo"
+        if self.dpo:
+            return "ipo" if self.ipo else "dpo"
+        return "sft"
 
     @property
     def lora_scale(self) -> float:
@@ -94,7 +111,32 @@ class FinetuneConfig:
             raise ElmError("--save-every must be a multiple of --grad-accumulation-steps "
                            "(checkpoints are taken between optimizer updates)")
         self.keys = [normalize_key(key) for key in self.keys]
+        self._validate_preference()
         return self
+
+    def _validate_preference(self) -> None:
+        if self.dpo and self.orpo:
+            raise ElmError("--dpo and --orpo exclude each other: choose one objective")
+        if not self.dpo:
+            for name in ("ipo", "cache_ref_logps", "ref_model"):
+                if getattr(self, name):
+                    what = "--orpo uses no reference model" if self.orpo else "it needs --dpo"
+                    raise ElmError(f"--{name.replace('_', '-')}: {what}")
+            if self.label_smoothing:
+                raise ElmError("--label-smoothing needs --dpo")
+        if not (self.dpo or self.orpo):
+            return
+        if not math.isfinite(self.beta) or self.beta <= 0:
+            raise ElmError(f"--beta must be a positive number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ElmError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.ipo and self.label_smoothing:
+            raise ElmError("--label-smoothing applies to the sigmoid loss, not to --ipo")
+        if self.pack:
+            raise ElmError("--pack does not apply to preference pairs (each answer is one row)")
+        if not self.mask_prompt:
+            raise ElmError("--no-mask-prompt does not apply to --dpo or --orpo: only the "
+                           "answers are scored")
 
 
 def normalize_key(key: str) -> str:

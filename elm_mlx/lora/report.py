@@ -50,20 +50,31 @@ class Reporter:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(values) + "\n")
 
-    def train(self, step: int, loss: float, learning_rate: float, tokens_per_second: float,
-              trained_tokens: int, peak_memory_gb: float) -> None:
-        self.progress.update(self.task, loss=f"{loss:.3f}", tps=f"{tokens_per_second:,.0f}",
-                             memory=f"{peak_memory_gb:.2f} GB")
-        self.console.print(f"step {step}: train loss {loss:.4f}, lr {learning_rate:.2e}, "
+    def train(self, step: int, metrics: dict[str, float], learning_rate: float,
+              tokens_per_second: float, trained_tokens: int, peak_memory_gb: float) -> None:
+        """METRICS: the objective's means over the steps since the last report, "loss" first."""
+        self.progress.update(self.task, loss=f"{metrics['loss']:.3f}",
+                             tps=f"{tokens_per_second:,.0f}", memory=f"{peak_memory_gb:.2f} GB")
+        self.console.print(f"step {step}: {describe('train', metrics)}, lr {learning_rate:.2e}, "
                            f"{tokens_per_second:,.0f} tok/s, {trained_tokens:,} tokens, "
                            f"peak memory {peak_memory_gb:.3f} GB")
-        self.record(step=step, train_loss=loss, learning_rate=learning_rate,
+        self.record(step=step, **prefixed("train", metrics), learning_rate=learning_rate,
                     tokens_per_second=tokens_per_second, trained_tokens=trained_tokens,
                     peak_memory_gb=peak_memory_gb)
 
-    def validation(self, step: int, loss: float, seconds: float) -> None:
-        self.console.print(f"step {step}: val loss {loss:.4f} ({seconds:.1f} s)")
-        self.record(step=step, val_loss=loss)
+    def validation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        self.console.print(f"step {step}: {describe('val', metrics)} ({seconds:.1f} s)")
+        self.record(step=step, **prefixed("val", metrics))
 
     def message(self, text: str) -> None:
         self.console.print(text)
+
+
+def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{split}_{name}": value for name, value in metrics.items()}
+
+
+def describe(split: str, metrics: dict[str, float]) -> str:
+    """`train loss 0.6931, chosen reward 0.0120, ...`: the split named once, before the loss."""
+    parts = [f"{name.replace('_', ' ')} {value:.4f}" for name, value in metrics.items()]
+    return f"{split} {', '.join(parts)}"

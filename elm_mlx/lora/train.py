@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Collection
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,7 +50,7 @@ from elm_mlx.lora.data import (
     load_data_dir,
     packed_rows,
 )
-from elm_mlx.lora.report import Reporter
+from elm_mlx.lora.report import Reporter, prefixed
 from elm_spec import ElmError
 from elm_spec.chat_template import resolve_chat_template
 from elm_spec.outputs import crash_point, output_lock
@@ -222,13 +224,56 @@ def check_finite_loss(step: int, loss: float) -> None:
                        "that the tokenizer fits the model's vocabulary)")
 
 
-def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> dict[str, float]:
-    resume_from = prepare_output(adapter_path, config.resume)
+class Objective(Protocol):
+    """What a run trains: its batches, its differentiated loss and its evaluation.
 
-    model, tokenizer = load(config.model)
-    config = dataclasses.replace(config, max_seq_length=sequence_length(
-        config.max_seq_length, model.spec.max_context_length, console))
-    template = resolve_chat_template(config.chat_template, getattr(tokenizer, "chat_template", None))
+    `loss(model, *arrays)` returns (loss, trained tokens, *the other metrics of `names`, whose
+    first is "loss"), each a scalar; `train_arrays(step)` the arrays of 0-based step STEP;
+    `settings` what a resumed run must share besides the fine-tuning ones."""
+
+    names: tuple[str, ...]
+    settings: dict[str, Any]
+    templated: bool  # the data were rendered through the chat template
+
+    @property
+    def splits(self) -> Collection[str]: ...
+
+    def loss(self, model: nn.Module, *arrays: mx.array | None) -> tuple[mx.array, ...]: ...
+
+    def train_arrays(self, step: int) -> tuple[mx.array | None, ...]: ...
+
+    def evaluate(self, model: nn.Module, split: str, num_batches: int,
+                 clear_cache_threshold: int) -> dict[str, float]: ...
+
+
+@dataclass
+class TokenObjective:
+    """Supervised fine-tuning: mean cross-entropy of the trained tokens."""
+
+    streams: dict[str, BatchStream]
+    settings: dict[str, Any]
+    templated: bool
+    names: tuple[str, ...] = ("loss",)
+
+    @property
+    def splits(self) -> Collection[str]:
+        return self.streams.keys()
+
+    def loss(self, model: nn.Module, *arrays: mx.array | None) -> tuple[mx.array, ...]:
+        return batch_loss(model, *arrays)
+
+    def train_arrays(self, step: int) -> tuple[mx.array | None, ...]:
+        return batch_arrays(self.streams["train"].training_batch(step))
+
+    def evaluate(self, model: nn.Module, split: str, num_batches: int,
+                 clear_cache_threshold: int) -> dict[str, float]:
+        loss = evaluate(model, self.streams[split], num_batches, clear_cache_threshold)
+        return {"loss": loss, **({"perplexity": math.exp(min(loss, 700.0))} if split == "test" else {})}
+
+
+def token_objective(config: FinetuneConfig, tokenizer: Any, template: str | None,
+                    console: Console) -> TokenObjective:
+    """SFT data: the splits read, summarised, packed or not, as batch streams."""
     encoder = Encoder(tokenizer, template, config.mask_prompt)
     splits = load_data_dir(config.data, encoder, config.max_seq_length)
     if config.test and "test" not in splits:
@@ -246,6 +291,26 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
     streams = {name: batch_stream(split, config.batch_size, config.max_seq_length, pack,
                                   config.seed, training=name == "train")
                for name, split in splits.items()}
+    return TokenObjective(streams, {"pack": pack, "train_tokens": splits["train"].num_tokens},
+                          templated=any(split.format != "text" for split in splits.values()))
+
+
+def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> dict[str, float]:
+    resume_from = prepare_output(adapter_path, config.resume)
+
+    model, tokenizer = load(config.model)
+    config = dataclasses.replace(config, max_seq_length=sequence_length(
+        config.max_seq_length, model.spec.max_context_length, console))
+    template = resolve_chat_template(config.chat_template, getattr(tokenizer, "chat_template", None))
+    objective: Objective
+    if config.objective == "sft":
+        objective = token_objective(config, tokenizer, template, console)
+    else:
+        from elm_mlx.lora.preference import preference_objective
+
+        # Before the adapters exist: cached reference log-probabilities are the base model's.
+        objective = preference_objective(config, model, tokenizer, template, console)
+    pack = objective.settings.get("pack", False)
 
     mx.random.seed(config.seed)
     num_layers = apply_fine_tune(model, config)
@@ -253,13 +318,14 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     console.print(f"{config.fine_tune_type} on {num_layers} of {len(model.layers)} blocks: "
                   f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,}); "
-                  f"packing {'on' if pack else 'off'}")
+                  + (f"packing {'on' if pack else 'off'}" if config.objective == "sft"
+                     else f"objective {config.objective}"))
 
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config),
                             weight_decay=config.weight_decay)
     optimizer.init(model.trainable_parameters())
     settings = {key: getattr(config, key) for key in RESUME_SETTINGS}
-    settings.update(num_layers=num_layers, pack=pack, train_tokens=splits["train"].num_tokens)
+    settings.update(num_layers=num_layers, **objective.settings)
     start, trained_tokens = 0, 0
     if resume_from is not None:
         saved = read_state(resume_from)
@@ -268,19 +334,18 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
         start, trained_tokens = saved["step"], saved["trained_tokens"]
         console.print(f"resuming from {resume_from} (step {start})")
     adapter_path.mkdir(parents=True, exist_ok=True)
-    templated = any(split.format != "text" for split in splits.values())
     write_json_atomic(adapter_path / ADAPTER_CONFIG,
-                      adapter_config(config, num_layers, template if templated else None))
+                      adapter_config(config, num_layers, template if objective.templated else None))
 
     if config.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    loss_and_grad = nn.value_and_grad(model, objective.loss)
     accumulation = config.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(inputs, targets, weights, segments, previous_grad, update):
-        (loss, tokens), grad = loss_and_grad(model, inputs, targets, weights, segments)
+    def train_step(arrays, previous_grad, update):
+        values, grad = loss_and_grad(model, *arrays)
         if previous_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous_grad)
         if update:
@@ -289,43 +354,48 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
                 grad = tree_map(lambda g: g / accumulation, grad)
             optimizer.update(model, grad)
             grad = None
-        return loss, tokens, grad
+        return values, grad
 
     results: dict[str, float] = {}
+    names = objective.names
     with Reporter(adapter_path, config.iters, start, console) as reporter:
-        valid = streams.get("valid")
-        if valid is not None and start == 0:
+        validating = "valid" in objective.splits
+
+        def validate(step: int) -> dict[str, float]:
             tic = time.perf_counter()
-            results["initial_val_loss"] = evaluate(model, valid, config.val_batches,
-                                                   config.clear_cache_threshold)
-            reporter.validation(0, results["initial_val_loss"], time.perf_counter() - tic)
+            metrics = objective.evaluate(model, "valid", config.val_batches,
+                                         config.clear_cache_threshold)
+            reporter.validation(step, metrics, time.perf_counter() - tic)
+            model.train()
+            return metrics
+
+        if validating and start == 0:
+            results.update(prefixed("initial_val", validate(0)))
         model.train()
-        window_loss, window_tokens, window_steps, elapsed, grad = 0.0, 0, 0, 0.0, None
+        window, window_tokens, window_steps, elapsed, grad = [0.0] * len(names), 0, 0, 0.0, None
         mx.reset_peak_memory()
         for step in range(start + 1, config.iters + 1):
             tic = time.perf_counter()
             seed_step(config.seed, step)
-            batch = batch_arrays(streams["train"].training_batch(step - 1))
-            loss, tokens, grad = train_step(*batch, grad, step % accumulation == 0)
-            mx.eval(state, loss, tokens, grad)
+            values, grad = train_step(objective.train_arrays(step - 1), grad,
+                                      step % accumulation == 0)
+            mx.eval(state, values, grad)
             clear_cache(config.clear_cache_threshold)
             elapsed += time.perf_counter() - tic
-            check_finite_loss(step, loss.item())
-            window_loss += loss.item()
-            window_tokens += int(tokens.item())
+            loss, tokens, *others = (v.item() for v in values)
+            check_finite_loss(step, loss)
+            window = [w + v for w, v in zip(window, (loss, *others), strict=True)]
+            window_tokens += int(tokens)
             window_steps += 1
-            trained_tokens += int(tokens.item())
+            trained_tokens += int(tokens)
             reporter.advance()
             if step % config.steps_per_report == 0 or step == config.iters:
-                reporter.train(step, window_loss / window_steps, optimizer.learning_rate.item(),
-                               window_tokens / elapsed, trained_tokens, peak_memory_gb())
-                window_loss, window_tokens, window_steps, elapsed = 0.0, 0, 0, 0.0
-            if valid is not None and (step % config.steps_per_eval == 0 or step == config.iters):
-                tic = time.perf_counter()
-                results["val_loss"] = evaluate(model, valid, config.val_batches,
-                                               config.clear_cache_threshold)
-                reporter.validation(step, results["val_loss"], time.perf_counter() - tic)
-                model.train()
+                reporter.train(step, {n: w / window_steps for n, w in zip(names, window, strict=True)},
+                               optimizer.learning_rate.item(), window_tokens / elapsed,
+                               trained_tokens, peak_memory_gb())
+                window, window_tokens, window_steps, elapsed = [0.0] * len(names), 0, 0, 0.0
+            if validating and (step % config.steps_per_eval == 0 or step == config.iters):
+                results.update(prefixed("val", validate(step)))
             if step % config.save_every == 0 or step == config.iters:
                 # The checkpoint first: a run killed before the adapters are written resumes
                 save_checkpoint(adapter_path, step, model, optimizer,
@@ -336,11 +406,11 @@ def _finetune(config: FinetuneConfig, console: Console, adapter_path: Path) -> d
             write_adapter_weights(adapter_path, model)
     model.eval()
     if config.test:
-        results["test_loss"] = evaluate(model, streams["test"], config.test_batches,
-                                        config.clear_cache_threshold)
-        results["test_perplexity"] = math.exp(min(results["test_loss"], 700.0))
-        console.print(f"test loss {results['test_loss']:.4f}, "
-                      f"test perplexity {results['test_perplexity']:.3f}")
-        reporter.record(step=config.iters, **{k: results[k] for k in ("test_loss", "test_perplexity")})
+        tested = prefixed("test", objective.evaluate(model, "test", config.test_batches,
+                                                     config.clear_cache_threshold))
+        results.update(tested)
+        console.print(", ".join(f"{name.replace('_', ' ')} {value:.4f}"
+                                for name, value in tested.items()))
+        reporter.record(step=config.iters, **tested)
     console.print(f"adapters written to {adapter_path}")
     return results
