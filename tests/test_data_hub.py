@@ -18,9 +18,14 @@ from elm_train.data.distributed import prepare_data_distributed
 from elm_train.data.hub import parse
 from elm_train.data.mix import Mix, MixSource
 from elm_train.data.prepare import PrepareOptions, prepare_data
-from elm_train.data.sources import LINE_MARGIN, ReadOptions, expand_sources, plan_chunks, read_chunk
-
-pytestmark = pytest.mark.slow  # a loopback server, datatrove tasks and subprocesses
+from elm_train.data.sources import (
+    LINE_MARGIN,
+    ReadOptions,
+    expand_sources,
+    iter_texts,
+    plan_chunks,
+    read_chunk,
+)
 
 OPTIONS = dict(valid_fraction=0.3, seed=7, chunk_bytes=16 << 10, shard_tokens=3000)
 DATASET = "hf://datasets/elm-test/corpus"
@@ -35,11 +40,21 @@ def hub(corpus) -> Iterator[FakeHub]:
         "data/train-00001-of-00003.json.gz": gz,
         "data/train-00002-of-00003.parquet": parquet,
         "data/test-00000-of-00001.jsonl": jsonl,
-    }), "elm-test/lines": Repo(files={"train.jsonl": "".join(
+    }), "elm-test/content": Repo(files={"train.parquet": _parquet({"content": ["a", "b"]})}),
+        "elm-test/lines": Repo(files={"train.jsonl": "".join(
         json.dumps({"text": f"line {n} " + "x" * (n % 300)}) + "\n" for n in range(800)).encode()}),
     }).start()
     yield fake
     fake.stop()
+
+
+def _parquet(columns: dict[str, list[str]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
 
 
 @pytest.fixture
@@ -85,6 +100,7 @@ def test_source_names():
             parse(bad)
 
 
+@pytest.mark.slow
 def test_split_picks_the_files_that_name_it(served):
     commit = served.datasets["elm-test/corpus"].sha
     train = expand_sources([DATASET])
@@ -96,8 +112,12 @@ def test_split_picks_the_files_that_name_it(served):
         "test-00000-of-00001.jsonl"]
     assert [f.path.rsplit("/", 1)[1] for f in expand_sources([DATASET + "/data/*.parquet"])] == [
         "train-00002-of-00003.parquet"]
+    # no file names a split: all are train; column= names this source's text column
+    content = expand_sources(["hf://datasets/elm-test/content?column=content"])
+    assert list(iter_texts(content, ReadOptions())) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_streamed_dataset_gives_the_bytes_of_its_files_on_disk(served, tokenizer_dir, from_disk,
                                                               tmp_path):
     out = tmp_path / "data"
@@ -108,6 +128,7 @@ def test_streamed_dataset_gives_the_bytes_of_its_files_on_disk(served, tokenizer
     assert reads and all(" bytes=" in r for r in reads)  # range requests, not downloads
 
 
+@pytest.mark.slow
 def test_a_line_range_fetches_its_own_bytes(served):
     """Each chunk of a Hub JSONL file is fetched from the byte before it to the end of its last
     line, and less than LINE_MARGIN more: not the rest of the file (fsspec's read-ahead)."""
@@ -131,6 +152,7 @@ def test_a_line_range_fetches_its_own_bytes(served):
         fetched, needed, len(jsonl))
 
 
+@pytest.mark.slow
 def test_datatrove_tasks_stream_the_same_bytes(served, tokenizer_dir, from_disk, tmp_path):
     out = tmp_path / "data"
     prepare_data_distributed([DATASET], tokenizer_dir, out, tmp_path / "work", 3,
@@ -140,6 +162,7 @@ def test_datatrove_tasks_stream_the_same_bytes(served, tokenizer_dir, from_disk,
     assert f"{DATASET}@{commit}" in (tmp_path / "work" / "run.json").read_text()  # pinned
 
 
+@pytest.mark.slow
 def test_cli_streams_without_a_local_copy_and_names_what_is_missing(hub, tokenizer_dir,
                                                                    from_disk, tmp_path):
     home = tmp_path / "hf"
@@ -167,6 +190,7 @@ def test_cli_streams_without_a_local_copy_and_names_what_is_missing(hub, tokeniz
     (DATASET + "@v9", "revision 'v9' not found"),
     (DATASET + "/data/*.csv", "no files match 'data/*.csv'"),
 ])
+@pytest.mark.slow
 def test_what_is_missing_is_named(served, tokenizer_dir, tmp_path, source, message):
     with pytest.raises(ElmError, match=re.escape(message)):
         prepare_data([source], tokenizer_dir, tmp_path / "bad", PrepareOptions(workers=1),
@@ -174,6 +198,7 @@ def test_what_is_missing_is_named(served, tokenizer_dir, tmp_path, source, messa
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_offline_reads_the_snapshot_in_the_local_cache(served, tokenizer_dir, from_disk, tmp_path):
     """HF_HUB_OFFLINE=1: the dataset comes from the cache the real client populated, same bytes."""
     from huggingface_hub import snapshot_download

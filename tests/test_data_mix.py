@@ -23,8 +23,6 @@ from elm_train.data.format import read_index
 from elm_train.data.mix import Mix, read_mix
 from elm_train.data.prepare import PrepareOptions, prepare_data
 
-pytestmark = pytest.mark.slow  # datatrove tasks and a subprocess
-
 WEIGHTS = {"code": 0.2, "tables": 0.5, "zipped": 0.3}
 OPTIONS = dict(min_chars=0, min_tokens=0, valid_fraction=0.1, seed=3, chunk_bytes=32 << 10,
                shard_tokens=20_000)
@@ -62,6 +60,7 @@ def documents_in(out: Path) -> list[tuple[int, ...]]:
     return found
 
 
+@pytest.mark.slow
 def test_realised_shares_follow_the_weights(sources, tokenizer_dir, tmp_path):
     mix = read_mix(Path(sources["root"][0]) / "mix.yaml")
     out = tmp_path / "data"
@@ -93,6 +92,7 @@ def test_realised_shares_follow_the_weights(sources, tokenizer_dir, tmp_path):
     assert stats["documents_kept"] == len(documents_in(out))
 
 
+@pytest.mark.slow
 def test_datatrove_tasks_write_the_same_mixed_bytes(sources, tokenizer_dir, tmp_path):
     mix = read_mix(Path(sources["root"][0]) / "mix.yaml")
     prepare_data(mix, tokenizer_dir, tmp_path / "local", PrepareOptions(workers=1, **OPTIONS),
@@ -107,6 +107,7 @@ def test_datatrove_tasks_write_the_same_mixed_bytes(sources, tokenizer_dir, tmp_
     assert not any((tmp_path / "local").glob(".mix-parts"))
 
 
+@pytest.mark.slow
 def test_a_seed_picks_other_documents_and_a_cap_bounds_the_output(sources, tokenizer_dir,
                                                                   tmp_path):
     mix = read_mix(Path(sources["root"][0]) / "mix.yaml")
@@ -154,6 +155,7 @@ def test_openelm_recipe_is_the_papers_mix():
     assert refinedweb.paths == ("hf://datasets/tiiuae/falcon-refinedweb?column=content",)
 
 
+@pytest.mark.slow
 def test_cli_mix_summary_names_each_source(sources, tokenizer_dir, tmp_path):
     result = run_elm("data", "prepare", "--mix", str(Path(sources["root"][0]) / "mix.yaml"),
                      "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "data"),
@@ -168,6 +170,7 @@ def test_cli_mix_summary_names_each_source(sources, tokenizer_dir, tmp_path):
         assert f"weight {source['weight']:g} ({100 * WEIGHTS[source['name']]:.2f}%)" in line
 
 
+@pytest.mark.slow
 def test_corenet_rows_under_a_weighted_mix(sources, tokenizer_dir, tmp_path):
     """The mix keeps or leaves out rows (a document's chunks together); each kept row is whole."""
     mix = read_mix(Path(sources["root"][0]) / "mix.yaml")

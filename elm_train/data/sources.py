@@ -60,7 +60,11 @@ class SourceFile:
         return self.text_key or options.text_key
 
     def key_hint(self) -> str:
-        return "choose one with --text-key" if self.is_local else "choose one with ?column=NAME"
+        if not self.is_local:
+            return "choose one with ?column=NAME"
+        if self.text_key:
+            return "its source sets it: ?column= of a Hub dataset, text_key of a mix source"
+        return "choose one with --text-key"
 
 
 @dataclass(frozen=True)
