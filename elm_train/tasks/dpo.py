@@ -84,6 +84,26 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                   **reward_stats(beta * chosen_mean.detach(), beta * rejected_mean.detach())}
 
 
+def batch_loss(policy_model: torch.nn.Module, reference_model: torch.nn.Module | None,
+               batch: dict[str, torch.Tensor], data: PreferenceData
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of DATA.loss on a batch of elm_train.data.preference.PreferenceLoader (the
+    reference is run under no_grad; ORPO needs none)."""
+    inputs, labels, mask = batch["input_ids"], batch["labels"], batch["loss_mask"]
+    policy = sequence_logprobs(policy_model(inputs), labels, mask)
+    pairs = policy.shape[0] // 2
+    lengths = mask.sum(-1)
+    if data.loss == "orpo":
+        return orpo_loss(policy[:pairs], policy[pairs:], lengths[:pairs], lengths[pairs:],
+                         data.beta)
+    with torch.no_grad():
+        reference = sequence_logprobs(reference_model(inputs), labels, mask)
+    if data.loss == "ipo":
+        policy, reference = policy / lengths, reference / lengths
+    return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:],
+                    data.beta, ipo=data.loss == "ipo", label_smoothing=data.label_smoothing)
+
+
 @dataclass
 class PreferenceData:
     """The `data` section of a dpo run (besides the engine's `seed`)."""
@@ -169,20 +189,7 @@ class PreferenceTask(LanguageModelTask):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, Any]]:
-        inputs, labels, mask = batch["input_ids"], batch["labels"], batch["loss_mask"]
-        data = self.preference
-        policy = sequence_logprobs(model(inputs), labels, mask)
-        pairs = policy.shape[0] // 2
-        lengths = mask.sum(-1)
-        if data.loss == "orpo":
-            return orpo_loss(policy[:pairs], policy[pairs:], lengths[:pairs], lengths[pairs:],
-                             data.beta)
-        with torch.no_grad():
-            reference = sequence_logprobs(self.reference(inputs), labels, mask)
-        if data.loss == "ipo":
-            policy, reference = policy / lengths, reference / lengths
-        return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:],
-                        data.beta, ipo=data.loss == "ipo", label_smoothing=data.label_smoothing)
+        return batch_loss(model, self.reference, batch, self.preference)
 
     def flops_per_item(self) -> float:
         # The policy's forward and backward, and the reference's forward: a third as much again.
