@@ -60,6 +60,10 @@ def test_rows_are_cut_to_seq_len_plus_one_and_padded_with_32000(tmp_path: Path) 
                                         [20, 21, 22, 23, 24, 25, 26, 27],
                                         [30, 31, 32, 33, 34, 35, 36, EOS]]
     assert loader.batches_per_epoch == 1 and loader.state_dict()["layout"] == "corenet"
+    packed = TokenWindowLoader(data, "train", seq_len=8, micro_batch_size=1)
+    with pytest.raises(ElmError, match=re.escape("data.layout is packed but the checkpoint was "
+                                                 "written with corenet")):
+        packed.load_state_dict(loader.state_dict())
 
 
 def test_the_loss_ignores_label_32000(tmp_path: Path) -> None:
@@ -73,6 +77,7 @@ def test_the_loss_ignores_label_32000(tmp_path: Path) -> None:
     expected_z = 1e-4 * torch.logsumexp(logits[kept], dim=-1).square().mean()
     torch.testing.assert_close(parts["loss"], expected_ce.detach())
     torch.testing.assert_close(parts["z_loss"], expected_z.detach())
+    assert parts["pad_fraction"].item() == 3 / 12
     loss.backward()
     assert logits.grad[~kept].abs().max() == 0 and logits.grad[kept].abs().min() > 0
 

@@ -154,7 +154,8 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weigh
                         ignore_id: int | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy plus z_loss_weight * mean(logsumexp^2), sharing one logsumexp; both
-    means over the positions whose label is not IGNORE_ID (CoreNet's padding)."""
+    means over the positions whose label is not IGNORE_ID (CoreNet's padding), whose share is
+    logged as pad_fraction."""
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     log_normalizer = torch.logsumexp(logits, dim=-1)
@@ -168,4 +169,6 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weigh
         kept = keep.sum().clamp_min(1)
         cross_entropy = ((log_normalizer - target) * keep).sum() / kept
         z_loss = z_loss_weight * (log_normalizer.square() * keep).sum() / kept
+        return cross_entropy + z_loss, {"loss": cross_entropy.detach(), "z_loss": z_loss.detach(),
+                                        "pad_fraction": 1 - keep.mean().detach()}
     return cross_entropy + z_loss, {"loss": cross_entropy.detach(), "z_loss": z_loss.detach()}
