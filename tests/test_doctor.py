@@ -36,6 +36,18 @@ def test_doctor_reports_versions_and_the_automatic_openblas_preload() -> None:
     assert f"  OpenBLAS preloaded: yes ({openblas_preload_path()})" in out
     assert "fix:" not in out
     assert out.startswith("python: ") and "WordNet (CatLIP): " in out
+    # The CPU's quantized-speed warning states the ranges docs/generate.md measured.
+    from support.cli import REPO
+
+    claim = re.search(r"quantized models decode (\d+)-(\d+)x and read prompts (\d+)-(\d+)x slower",
+                      out)
+    assert claim, out
+    decode_low, decode_high, prompt_low, prompt_high = map(int, claim.groups())
+    measured = re.findall(r"^\| \d-bit \| .* \| ([\d.]+)x, ([\d.]+)x \|$",
+                          (REPO / "docs" / "generate.md").read_text(), re.MULTILINE)
+    assert len(measured) == 2
+    for prompt, decode in measured:
+        assert prompt_low <= float(prompt) <= prompt_high and decode_low <= float(decode) <= decode_high
     assert re.search(r"^lm-eval: \S+; run it with `elm eval harness --model elm ...`$", out,
                      re.MULTILINE)
 

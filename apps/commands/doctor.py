@@ -118,6 +118,10 @@ def mlx_lines() -> Iterator[str]:
             yield f"  fix: run Python with LD_PRELOAD={installed} (the `elm` command does this itself)"
     if rate < SLOW_GEMM_GFLOPS:
         yield "  MLX is on the slow reference BLAS"
+    if mx.default_device() == mx.cpu:
+        yield ("  quantized models decode 3-5x and read prompts 10-16x slower than fp32 on a CPU "
+               "(MLX has no fast CPU kernels for them; on a Mac's GPU they are faster): convert "
+               "without -q to run here (docs/generate.md)")
 
 
 def library_lines() -> Iterator[str]:
