@@ -178,6 +178,7 @@ def test_prepare_reproduces_corenets_rows_on_documents_worked_by_hand(tokenizer_
     assert batch["labels"].tolist() == [w[1:] for w in windows]
 
 
+@pytest.mark.slow  # worker processes
 def test_corenet_prepare_is_byte_identical_for_any_worker_count(corpus, tokenizer_dir,
                                                                 tmp_path: Path) -> None:
     outputs = []
