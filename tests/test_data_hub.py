@@ -15,6 +15,7 @@ from support.fake_hub import FakeHub, Repo
 
 from elm_spec import ElmError
 from elm_train.data.distributed import prepare_data_distributed
+from elm_train.data.format import read_index
 from elm_train.data.hub import parse
 from elm_train.data.mix import Mix, MixSource
 from elm_train.data.prepare import PrepareOptions, prepare_data
@@ -83,7 +84,8 @@ def assert_same_files(expected: Path, actual: Path) -> None:
             assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
     indices = [json.loads((d / "index.json").read_text()) for d in (expected, actual)]
     for index in indices:
-        index["stats"]["sources"] = [{**s, "name": None} for s in index["stats"]["sources"]]
+        index["stats"]["sources"] = [{**s, "name": None, "paths": None}
+                                     for s in index["stats"]["sources"]]
     assert indices[0] == indices[1]
 
 
@@ -124,6 +126,8 @@ def test_streamed_dataset_gives_the_bytes_of_its_files_on_disk(served, tokenizer
     prepare_data([DATASET], tokenizer_dir, out, PrepareOptions(workers=2, **OPTIONS),
                  show_progress=False)
     assert_same_files(from_disk, out)
+    commit = served.datasets["elm-test/corpus"].sha
+    assert read_index(out).stats["sources"][0]["paths"] == [f"{DATASET}@{commit}"]  # provenance
     reads = [r for r in served.requests if "/resolve/" in r]
     assert reads and all(" bytes=" in r for r in reads)  # range requests, not downloads
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.tokenizer import Tokenizer
-from elm_train.data import hub
 from elm_train.data.mix import Mix, as_mix
 from elm_train.data.prepare import (
     ChunkTokenizer,
@@ -144,15 +143,6 @@ def run_description(mix: Mix, tok: Tokenizer, options: PrepareOptions, tasks: in
             "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}
 
 
-def pin_hub_sources(mix: Mix) -> Mix:
-    """MIX with each Hub dataset pinned to the commit it resolves to now, so that every task
-    lists the same files."""
-    return replace(mix, sources=tuple(
-        replace(source, paths=tuple(hub.pin(p) if hub.is_hub_source(p) else p
-                                    for p in source.paths))
-        for source in mix.sources))
-
-
 def _claim_work_dir(work_dir: Path, description: dict[str, Any]) -> None:
     (work_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     run_file = work_dir / RUN_FILE
@@ -182,7 +172,7 @@ def slurm_executor(sources: Sequence[str] | Mix, tok: Tokenizer, work_dir: Path,
     from datatrove.executor import SlurmPipelineExecutor
 
     return SlurmPipelineExecutor(
-        pipeline=[TokenizeTask(pin_hub_sources(as_mix(sources)), tok.path, work_dir, options)],
+        pipeline=[TokenizeTask(as_mix(sources).pinned(), tok.path, work_dir, options)],
         tasks=tasks,
         time=time, partition=partition, cpus_per_task=cpus_per_task, job_name="elm-data-prepare",
         logging_dir=str(work_dir / "logs"), slurm_logs_folder=str(work_dir / "logs" / "slurm"),
@@ -228,7 +218,7 @@ def prepare_data_distributed(sources: Sequence[str | os.PathLike[str]] | Mix,
         raise ElmError(f"--tasks must be at least 1, got {tasks}")
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
-    mix = pin_hub_sources(as_mix(sources))
+    mix = as_mix(sources).pinned()
     work = Path(work_dir)
     files = expand_mix(mix, options)
     refuse_replacing_inputs(files, tok, output)

@@ -16,7 +16,7 @@ it depends only on the documents, never on how the corpus was cut into chunks or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,14 @@ class Mix:
                 owners.append(number)
                 keys.append(source.text_key)
         return paths, owners, keys
+
+    def pinned(self) -> Mix:
+        """This mix with each Hub dataset pinned to the commit it resolves to now: every task
+        lists the same files, and the index records which."""
+        return replace(self, sources=tuple(
+            replace(source, paths=tuple(hub.pin(p) if hub.is_hub_source(p) else p
+                                        for p in source.paths))
+            for source in self.sources))
 
     def describe(self) -> dict:
         return {"tokens": self.tokens,

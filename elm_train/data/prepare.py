@@ -466,7 +466,7 @@ def prepare_data(sources: Sequence[str | os.PathLike[str]] | Mix,
     stats of its index."""
     options = options or PrepareOptions()
     tok = Tokenizer(tokenizer)
-    mix = as_mix(sources)
+    mix = as_mix(sources).pinned()
     files = expand_mix(mix, options)
     refuse_replacing_inputs(files, tok, output)
     chunks = plan_chunks(files, options.read_options, options.chunk_bytes)
@@ -596,7 +596,7 @@ def _source_stats(mix: Mix, per_source: dict[str, np.ndarray], available: list[i
     result = []
     for number, source in enumerate(mix.sources):
         entry: dict[str, Any] = {
-            "name": source.name, "weight": source.weight,
+            "name": source.name, "paths": list(source.paths), "weight": source.weight,
             "tokens": {split: int(per_source[split][0][number]) for split in per_source},
             "documents": {split: int(per_source[split][1][number]) for split in per_source}}
         if available is not None:
