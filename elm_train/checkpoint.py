@@ -24,12 +24,16 @@ import random
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,7 +46,12 @@ from elm_spec import ElmError
 from elm_spec.errors import first_line
 from elm_spec.outputs import output_lock
 from elm_train.parallel import DistContext
-from elm_train.safe_dcp import read_metadata, safe_load, single_process_quiet
+from elm_train.safe_dcp import (
+    SINGLE_PROCESS_WARNING,
+    read_metadata,
+    safe_load,
+    single_process_quiet,
+)
 
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"
@@ -165,14 +174,54 @@ def checkpoint_lock(root: str | os.PathLike[str] | None, ctx: DistContext) -> It
         yield
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose shards are still being written; the rest is committed once
+    they are."""
+    upload: Future
+    staging: Path
+    final: Path
+    trainer: dict[str, Any]
+    config_text: str
+    task: Any
+
+
 class Checkpointer:
-    def __init__(self, root: str | os.PathLike[str], ctx: DistContext, keep: int):
+    """Writes and finds checkpoints under ROOT.
+
+    With ASYNC_SAVE the model and optimizer state are copied to host memory (pinned on a GPU,
+    the buffers reused from one save to the next) and the step goes on while a thread writes
+    them (`dcp.async_save`, over a gloo group of its own so that it never interleaves with the
+    training's collectives). The commit (trainer.json, the rename) follows once every rank's
+    shards are written: at the next log step that finds them done, before the next save, or at
+    the end of the run; until then the checkpoint is a `step-N.tmp` like any write in progress.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], ctx: DistContext, keep: int,
+                 async_save: bool = False):
         self.root = Path(root)
         self.ctx = ctx
         self.keep = keep
+        self.newest = self.latest()
+        self.pending: _PendingSave | None = None
+        self.stager = None
+        self.group = None
+        if async_save:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self.stager = DefaultStager(StagingOptions(
+                use_pinned_memory=ctx.device.type == "cuda", use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=False))
+            if ctx.distributed:
+                self.group = dist.new_group(backend="gloo")
+            else:  # the writer thread's own warning, which single_process_quiet cannot reach
+                warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
 
     def save(self, step: int, model, optimizer, scheduler, loader, config_text: str,
-             task=None) -> Path:
+             task=None) -> Path | None:
+        """Checkpoint STEP; returns the newest committed checkpoint (this one unless the write
+        goes on asynchronously)."""
+        self.finish()
         final = self.root / f"step-{step}"
         staging = self.root / f"step-{step}.tmp"
         if self.ctx.is_main:
@@ -181,34 +230,90 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
         self.ctx.barrier()
+        trainer = {"step": step, "world_size": self.ctx.world_size,
+                   "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
         try:
             model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
             with single_process_quiet():
-                dcp.save({"model": model_state, "optim": optim_state},
-                         checkpoint_id=str(staging), no_dist=not self.ctx.distributed)
+                if self.stager is None:
+                    dcp.save(state, checkpoint_id=str(staging), no_dist=not self.ctx.distributed)
+                else:
+                    upload = dcp.async_save(state, checkpoint_id=str(staging),
+                                            process_group=self.group, async_stager=self.stager,
+                                            no_dist=not self.ctx.distributed)
             torch.save({"rng": rng_state()}, staging / rank_file(self.ctx.rank))
+        except BaseException:
+            self._discard(staging)
+            raise
+        pending = _PendingSave(upload if self.stager is not None else None, staging, final,
+                               trainer, config_text, task)
+        if self.stager is None:
+            self._commit(pending)
+        else:
+            self.pending = pending
+        return self.newest
+
+    def poll(self) -> Path | None:
+        """Commit the asynchronous save if every rank has written its shards (a collective:
+        call it on every rank at the same step); returns the newest committed checkpoint."""
+        if self.pending is not None and self.ctx.all_reduce_max(
+                float(not self.pending.upload.done())) == 0:
+            self.finish()
+        return self.newest
+
+    def finish(self) -> Path | None:
+        """Wait for the asynchronous save, if any, and commit it (on every rank alike)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                pending.upload.result()
+            except BaseException:
+                self._discard(pending.staging)
+                raise
+            self._commit(pending)
+        return self.newest
+
+    def close(self, failed: bool = False) -> None:
+        """End of the run: commit the asynchronous save (wait for it without committing when
+        FAILED: the ranks may no longer agree) and release the staging buffers."""
+        try:
+            if not failed:
+                self.finish()
+            elif self.pending is not None:
+                wait([self.pending.upload])
+                self.pending = None
+        finally:
+            if self.stager is not None:
+                self.stager.close()
+                self.stager = None
+
+    def _commit(self, pending: _PendingSave) -> None:
+        staging = pending.staging
+        try:
             self.ctx.barrier()
             if self.ctx.is_main:
-                trainer = {"step": step, "world_size": self.ctx.world_size,
-                           "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
-                (staging / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n")
-                (staging / CONFIG_COPY).write_text(config_text)
-                if task is not None:
-                    task.write_checkpoint_files(staging)
+                (staging / TRAINER_FILE).write_text(json.dumps(pending.trainer, indent=2) + "\n")
+                (staging / CONFIG_COPY).write_text(pending.config_text)
+                if pending.task is not None:
+                    pending.task.write_checkpoint_files(staging)
                 _fsync_dir(staging)
         except BaseException:
-            # a failed write (a full disk, say) leaves no half checkpoint behind
-            if self.ctx.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
+            self._discard(staging)
             raise
         if self.ctx.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            if pending.final.exists():
+                shutil.rmtree(pending.final)
+            os.replace(staging, pending.final)
             _fsync_dir(self.root)
             self._prune()
         self.ctx.barrier()
-        return final
+        self.newest = pending.final
+
+    def _discard(self, staging: Path) -> None:
+        """A failed write (a full disk, say) leaves no half checkpoint behind."""
+        if self.ctx.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _prune(self) -> None:
         found = complete_checkpoints(self.root)

@@ -117,6 +117,8 @@ class CheckpointConfig:
     every: int = 0
     keep: int = 3
     resume: bool = True
+    # Write checkpoints in the background while training goes on (committed when complete).
+    async_save: bool = True
 
 
 @dataclass

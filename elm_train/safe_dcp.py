@@ -118,12 +118,14 @@ def read_metadata(directory: str | os.PathLike[str]) -> dcp_metadata.Metadata:
         raise ElmError(f"{metadata_file}: cannot be read ({error.strerror or error})") from None
 
 
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
 @contextlib.contextmanager
 def single_process_quiet() -> Iterator[None]:
     """DCP warns when it runs without a process group; one process is a supported case here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
-                                "uninitialized")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield
 
 

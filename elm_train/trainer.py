@@ -173,7 +173,8 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     checkpointer = None
     if config.checkpoint.dir:
         _require_directory(Path(config.checkpoint.dir), "checkpoint.dir")
-        checkpointer = Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep)
+        checkpointer = Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep,
+                                    config.checkpoint.async_save)
     start_step = 0
     if checkpointer is not None and not config.checkpoint.resume:
         checkpointer.refuse_earlier_run()
@@ -200,7 +201,7 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
 
     step = start_step
     last_loss: float | None = None
-    last_saved: Path | None = checkpointer.latest() if checkpointer else None
+    last_saved: Path | None = checkpointer.newest if checkpointer else None
     stopped = False
     progress = _Progress(ctx.is_main and config.log.progress, start_step, tc.max_steps)
     # Throughput is measured over the window since the last logged step: the host never waits
@@ -244,7 +245,13 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                     record = _step_record(step, parts_sum, grad_norm, lr, window.close(ctx), ctx,
                                           flops_per_item, peak, token_task)
                     last_loss = record.get("loss")
+                    if checkpointer is not None:  # the asynchronous save, once written
+                        with writing(checkpointer.root):
+                            last_saved = checkpointer.poll()
                     if not all(math.isfinite(record[n]) for n in parts_sum):
+                        if checkpointer is not None:
+                            with writing(checkpointer.root):
+                                last_saved = checkpointer.finish()
                         raise ElmError(
                             f"step {step}: loss is {last_loss} (not finite); stopped. Last checkpoint: "
                             f"{last_saved or 'none'}. Lower optim.lr or check the data")
@@ -262,6 +269,8 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                     with writing(checkpointer.root):
                         last_saved = checkpointer.save(step, model, optimizer, scheduler, loader,
                                                        config_text, task)
+                        if stop_now or step == tc.max_steps:
+                            last_saved = checkpointer.finish()
                 if record:
                     window.restart(step)
                 else:
@@ -272,8 +281,15 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
                         print(f"stopped by signal at step {step}; checkpoint: {last_saved}",
                               flush=True)
                     break
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close(failed=True)
+        raise
     finally:
         log.close()
+    if checkpointer is not None:
+        with writing(checkpointer.root):
+            checkpointer.close()
     valid: dict[str, float | None] = {"valid_loss": None}
     if not stopped and tc.eval_batches and task.has_split("valid"):
         valid = evaluate(task, model, ctx, tc.eval_batches, autocast)

@@ -25,8 +25,11 @@ pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 
 def test_sigkill_then_resume_is_bitwise_exact(token_data: Path, tmp_path: Path) -> None:
     sections = {"train": {"max_steps": 20, "seq_len": 64, "micro_batch_size": 8}}
+    # The straight run saves blocking; the killed one asynchronously (the default): resuming
+    # from an asynchronous checkpoint must give the blocking run's weights bit for bit.
     straight = write_config(tmp_path / "straight.yaml", token_data, tmp_path / "straight-run",
-                            checkpoint={"dir": str(tmp_path / "straight-ckpt")}, **sections)
+                            checkpoint={"dir": str(tmp_path / "straight-ckpt"),
+                                        "async_save": False}, **sections)
     # Every run is a fresh process alike, so that the same kernels run in each.
     straight_process = start_train(straight)
 
