@@ -305,10 +305,12 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
 
 def _apply_batch_plan(tc: TrainSection, task: Task, ctx: parallel.DistContext) -> TrainSection:
     """TC with the accumulation of the batch plan, which rank 0 prints (a missed target warns)."""
-    if task.item_name != "tokens":
+    if task.item_name != "tokens" or not task.full_rows:
         if tc.global_batch_tokens:
-            raise ElmError(f"train.global_batch_tokens: task {task.config.task} counts "
-                           f"{task.item_name}, not tokens; give train.grad_accum_steps")
+            counted = (f"counts {task.item_name}, not tokens" if task.item_name != "tokens" else
+                       f"batches {tc.micro_batch_size} items that are not rows of seq_len tokens")
+            raise ElmError(f"train.global_batch_tokens: task {task.config.task} {counted}; "
+                           "give train.grad_accum_steps (train.global_batch_tokens=0)")
         return tc
     plan = plan_batch(ctx.world_size, tc.micro_batch_size, tc.seq_len, tc.grad_accum_steps,
                       tc.global_batch_tokens)

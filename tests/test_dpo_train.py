@@ -183,6 +183,19 @@ def test_bad_settings_are_named(preference: dict[str, Path], tmp_path: Path) -> 
                           "data": {"synthetic": True}})
 
 
+def test_a_token_target_for_the_global_batch_is_refused(preference: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """A pair is two rows padded to the batch's longest: micro-batch x seq_len does not count
+    its tokens, so no accumulation can be derived from train.global_batch_tokens."""
+    path = write_dpo_config(tmp_path / "config.yaml", preference, tmp_path / "run",
+                            train={"global_batch_tokens": 4096})
+    with pytest.raises(ElmError, match=re.escape(
+            "train.global_batch_tokens: task dpo batches 4 items that are not rows of seq_len "
+            "tokens; give train.grad_accum_steps")):
+        train_in_process(path)
+    assert not list((tmp_path / "run").glob("metrics.jsonl"))
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("single_torch_thread")
 def test_held_out_reward_accuracy_rises_from_a_half(preference: dict[str, Path],

@@ -40,6 +40,9 @@ class Task(abc.ABC):
     data_config: ClassVar[type | None] = None
     # What a batch is counted in: "tokens", or e.g. "images" (such tasks also log items_per_s).
     item_name: ClassVar[str] = "tokens"
+    # Whether a micro-batch is micro_batch_size rows of exactly seq_len tokens, so that the batch
+    # plan (train.global_batch_tokens) can count its tokens.
+    full_rows: ClassVar[bool] = True
     # Parts of `loss` averaged over the held-out batches, logged as valid_<name>.
     valid_metrics: ClassVar[tuple[str, ...]] = ("loss",)
 

@@ -133,6 +133,7 @@ class PreferenceTask(LanguageModelTask):
     """DPO, IPO or ORPO of an OpenELM model; exported and checkpointed as `task: lm` is."""
 
     data_config = PreferenceData
+    full_rows = False  # a micro-batch item is a pair: two rows padded to the batch's longest
     valid_metrics = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
 
     def __init__(self, config: Config):
