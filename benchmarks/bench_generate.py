@@ -69,7 +69,7 @@ def run(command: list[str], env: dict[str, str]) -> dict[str, float | str]:
     if len(stats) != 4:
         raise SystemExit(f"{' '.join(command[:4])} printed no statistics:\n{result.stdout[-2000:]}")
     text = result.stdout.split("=" * 10 + "\n", 1)[1].rsplit("\n" + "=" * 10, 1)[0]
-    return {**stats, "text": text}
+    return {**stats, "text": text, "stdout": result.stdout}
 
 
 def paired_ratio(results: dict[str, list[dict]], key: str) -> float:
