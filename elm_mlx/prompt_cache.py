@@ -55,17 +55,17 @@ def _file_digest(digest: Any, path: Path) -> None:
 def model_fingerprint(model_dir: str | os.PathLike[str],
                       adapter_path: str | os.PathLike[str] | None = None) -> str:
     """What the KV values depend on: config.json, the weights and the adapters (if any)."""
+    # not the tokenizer: the cache holds token ids, whose KV values it does not change
+    files = [Path(model_dir) / "config.json", *sorted(Path(model_dir).glob("model*.safetensors"))]
+    if adapter_path is not None:  # not the checkpoints that training leaves beside them
+        files += [Path(adapter_path) / "adapter_config.json",
+                  Path(adapter_path) / "adapters.safetensors"]
     digest = hashlib.sha256()
-    for directory in (Path(model_dir), None if adapter_path is None else Path(adapter_path)):
-        if directory is None:
-            continue
-        for path in sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors")):
-            if path.name.startswith("tokenizer"):
-                continue  # the cache holds token ids: the tokenizer does not change their values
-            if path.suffix == ".json":
-                digest.update(path.name.encode() + path.read_bytes())
-            else:
-                _file_digest(digest, path)
+    for path in files:
+        if path.suffix == ".json":
+            digest.update(path.name.encode() + path.read_bytes())
+        else:
+            _file_digest(digest, path)
     return digest.hexdigest()
 
 

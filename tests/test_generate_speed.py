@@ -340,3 +340,20 @@ def test_a_failed_save_leaves_the_old_cache_file_whole(target: Path, tmp_path: P
                            "-m", "1", "--save-prompt-cache", str(saved))
     assert code == 1 and err == f"error: {saved}: write failed (disk full); nothing was changed there\n"
     assert saved.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [saved.name]
+
+
+def test_a_prompt_cache_made_with_adapters_needs_them(target: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    from support.chat import random_adapters
+
+    adapters = random_adapters(target, tmp_path / "adapters", None)
+    saved = tmp_path / "tuned.safetensors"
+    stats(capsys, "--model", str(target), "--adapter-path", str(adapters), "--prompt", PREFIX,
+          "-m", "1", "--save-prompt-cache", str(saved))
+    (adapters / "0000010_adapters.safetensors").write_bytes(b"a training checkpoint")
+    tuned = generated_text(capsys, "--model", str(target), "--adapter-path", str(adapters))
+    assert generated_text(capsys, "--model", str(target), "--adapter-path", str(adapters),
+                          "--prompt", REST, "--prompt-cache-file", str(saved)) == tuned
+    code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", REST,
+                           "--prompt-cache-file", str(saved))
+    assert code == 1 and err.count("\n") == 1 and "other adapters" in err and str(saved) in err
