@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_generate import make_model  # noqa: E402
-from elm_mlx.lora.data import SHIPPED_TEMPLATE  # noqa: E402
+from elm_spec.chat_template import SHIPPED_TEMPLATE  # noqa: E402
 
 TURNS = 5
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = make_model(args.workdir, args.preset)
-    template = REPO / "elm_mlx" / "templates" / SHIPPED_TEMPLATE
+    template = REPO / "elm_spec" / "templates" / SHIPPED_TEMPLATE
     model, tokenizer = elm_mlx.load(model_dir, chat_template=str(template))
     messages = user_messages(tokenizer, TURNS, args.message_tokens)
     options = {"max_tokens": args.max_tokens}
