@@ -113,7 +113,7 @@ def cells(plan: Plan) -> list[Cell]:
                train(small, small_batch, compile_=True, limit=150),
                Cell("batch", f"{small} ac=none", 60, dict(model=small, ac="none")),
                Cell("batch", f"{largest} ac=none", 60, dict(model=largest, ac="none")),
-               Cell("parity", "loss parity, 50 steps", 90),
+               Cell("parity", "loss parity", 90),
                Cell("bench", "elm bench, 4 cells", 120)]
     for model, batch in rest:
         listed += [train(model, batch, attention="eager"),
@@ -377,8 +377,20 @@ def write_report(plan: Plan, listed: list[Cell]) -> Path:
         result = (f"**{o['largest_micro_batch']}** (peak {o['peak_memory_gb']:.1f} GB; tried "
                   f"{o['tried']}; {o['limit']})" if o["status"] == "ok" else o["status"])
         lines.append(f"| {cell.label} | {result} |")
-    for cell in (c for c in listed if c.section in ("parity", "bench")):
-        lines += ["", f"{cell.label}: {json.dumps(cell.outcome)}"]
+    for cell in (c for c in listed if c.section == "parity"):
+        o = cell.outcome
+        lines += ["", f"{cell.label} ({o.get('where', '')}): {o['status']}"
+                  + (f", largest relative difference per strategy {o['max_relative_difference']} "
+                     f"(tolerance {o['tolerance']:.0e})" if o["status"] == "ok" else "")]
+    for cell in (c for c in listed if c.section == "bench"):
+        lines += ["", f"{cell.label}: {cell.outcome['status']}", "",
+                  "| model | micro batch | attention | tokens/s | MFU | status |",
+                  "|---|---|---|---|---|---|"]
+        for row in cell.outcome.get("cells", []):
+            mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "–"
+            rate = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "–"
+            lines.append(f"| {row['model']} | {row['batch_size']} | {row['attention']} | {rate} | "
+                         f"{mfu} | {row['status']} |")
     path = plan.out / "gpu_check.md"
     path.write_text("\n".join(lines) + "\n")
     (plan.out / "results.json").write_text(json.dumps(
