@@ -153,7 +153,10 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
         float8.convert_to_float8(model, tc.float8)
     parallel.apply_activation_checkpointing(model, tc.activation_checkpointing)
     if tc.compile:
-        parallel.apply_compile(model)
+        shapes = parallel.apply_compile(model)
+        if ctx.is_main:
+            print(f"compile: {len(parallel.transformer_blocks(model))} blocks of {shapes} distinct "
+                  f"shapes; the first step compiles {shapes} graphs", flush=True)
     parallel.cast_buffers(model, torch_dtype(config.parallel.buffer_dtype))
     model = parallel.wrap_model(model, ctx, strategy, dtype, config.parallel.replicate_degree,
                                 torch_dtype(config.parallel.reduce_dtype))
