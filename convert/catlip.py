@@ -20,8 +20,9 @@ def is_catlip_source(path: str | os.PathLike[str]) -> bool:
     return is_catlip_dir(path)
 
 
-def convert_catlip(src: str | os.PathLike[str], dst: str | os.PathLike[str], force: bool = False) -> None:
-    """Write DST: the same CatLIP directory with MLX-layout weights ("framework": "mlx")."""
+def convert_catlip(src: str | os.PathLike[str], dst: str | os.PathLike[str], force: bool = False) -> str:
+    """Write DST: the same CatLIP directory with MLX-layout weights ("framework": "mlx");
+    returns its summary line."""
     import dataclasses
 
     from safetensors import SafetensorError
@@ -45,3 +46,8 @@ def convert_catlip(src: str | os.PathLike[str], dst: str | os.PathLike[str], for
         for name in (VOCAB_JSON, VOCAB_PICKLE):
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
+    vit = config.vit
+    parameters = sum(value.size for value in weights.values())
+    return (f"{dst}: MLX CatLIP directory, ViT {vit.num_layers} layers x {vit.embed_dim}, "
+            f"{vit.image_size} px in {vit.patch_size} px patches, {vit.num_classes} synset "
+            f"classes, {parameters / 1e6:.1f}M parameters")

@@ -92,8 +92,9 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions,
     refuse_overlap(src, dst)
     catlip = _catlip_converter(src)
     if catlip is not None:
-        catlip(src, dst, options.force)
-        return ConvertReport(dst, [f"{dst}: CatLIP model converted"])
+        report = ConvertReport(dst, echo=say)
+        report.say(catlip(src, dst, options.force))
+        return report
     if options.target not in TARGETS:
         raise ElmError(f"unknown --to {options.target!r}; choose from {', '.join(TARGETS)}")
     if options.q_recipe is not None:
@@ -127,7 +128,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions,
     return report
 
 
-def _catlip_converter(src: Path) -> Callable[[Path, Path, bool], Any] | None:
+def _catlip_converter(src: Path) -> Callable[[Path, Path, bool], str] | None:
     """The CatLIP converter, when SRC is a CatLIP model directory."""
     from convert import catlip
 

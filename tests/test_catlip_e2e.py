@@ -73,6 +73,10 @@ def test_train_export_convert_classify(shapes, tmp_path):
     converted = tmp_path / "model-mlx"
     result = run_elm("convert", str(exported), str(converted))
     assert result.returncode == 0, result.stderr
+    vit = read_catlip_config(exported).vit
+    assert (f"{converted}: MLX CatLIP directory, ViT {vit.num_layers} layers x {vit.embed_dim}, "
+            f"{vit.image_size} px in {vit.patch_size} px patches, {vit.num_classes} synset classes"
+            ) in result.stderr
     assert read_catlip_config(converted).framework == "mlx"
 
     image = tmp_path / "shape.png"
