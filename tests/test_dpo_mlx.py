@@ -38,13 +38,13 @@ def settings(base_dir: Path, data: Path, adapters: Path, **overrides) -> dict:
 
 
 def randomized_adapters(model) -> None:
-    """Nonzero LoRA B matrices, so that the policy differs from the base."""
+    """Seeded random LoRA matrices (B nonzero, so that the policy differs from the base)."""
     from mlx.utils import tree_flatten
 
     mx.random.seed(3)
     model.load_weights([(name, mx.random.normal(value.shape) * 0.2)
                         for name, value in tree_flatten(model.trainable_parameters())
-                        if name.endswith("lora_b")], strict=False)
+                        if name.endswith(("lora_a", "lora_b"))], strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,30 @@ def test_reference_from_a_given_model_and_with_adapters_disabled_agree(base_dir,
         randomized_adapters(model)
         losses[ref] = objective.loss(model, *objective.train_arrays(0))[0].item()
     assert losses[None] == pytest.approx(losses[base_dir], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dora", "qlora"])
+def test_disabled_adapters_give_the_base_model(base_dir, tmp_path, kind):
+    """The reference pass of DoRA and of LoRA on a quantized base is the base model itself,
+    and the adapters are back afterwards."""
+    from support.lora import make_quantized_model_dir
+
+    from elm_mlx.loading import load_model
+    from elm_mlx.lora.adapters import apply_fine_tune
+    from elm_mlx.lora.preference import adapters_disabled
+
+    model_dir = make_quantized_model_dir(base_dir, tmp_path / "q") if kind == "qlora" else base_dir
+    model, base = load_model(model_dir), load_model(model_dir)
+    config = build_config(None, {"model": "m", "data": "d", "dpo": True,
+                                 "fine_tune_type": "dora" if kind == "dora" else "lora"})
+    apply_fine_tune(model, config)
+    randomized_adapters(model)
+    ids = mx.array([[1, 40, 300, 269, 285, 419, 461, 2, 77]])
+    adapted = np.array(model(ids))
+    with adapters_disabled(model):
+        np.testing.assert_allclose(np.array(model(ids)), np.array(base(ids)), atol=1e-5)
+    assert np.abs(adapted - np.array(base(ids))).max() > 1e-2
+    np.testing.assert_array_equal(np.array(model(ids)), adapted)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
