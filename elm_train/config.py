@@ -117,8 +117,9 @@ class CheckpointConfig:
     every: int = 0
     keep: int = 3
     resume: bool = True
-    # Write checkpoints in the background while training goes on (committed when complete).
-    async_save: bool = True
+    # Write checkpoints in the background while training goes on (committed when complete);
+    # unset: on a GPU only (on a CPU the writer slows the step more than the save would).
+    async_save: bool | None = None
 
 
 @dataclass

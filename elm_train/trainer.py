@@ -176,8 +176,9 @@ def _train(config: Config, ctx: parallel.DistContext) -> TrainResult:
     checkpointer = None
     if config.checkpoint.dir:
         _require_directory(Path(config.checkpoint.dir), "checkpoint.dir")
+        async_save = config.checkpoint.async_save
         checkpointer = Checkpointer(config.checkpoint.dir, ctx, config.checkpoint.keep,
-                                    config.checkpoint.async_save)
+                                    ctx.device.type == "cuda" if async_save is None else async_save)
     start_step = 0
     if checkpointer is not None and not config.checkpoint.resume:
         checkpointer.refuse_earlier_run()

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow  # subprocesses, trained fixtures or servers
 
 def test_sigkill_then_resume_is_bitwise_exact(token_data: Path, tmp_path: Path) -> None:
     sections = {"train": {"max_steps": 20, "seq_len": 64, "micro_batch_size": 8}}
-    # The straight run saves blocking; the killed one asynchronously (the default): resuming
-    # from an asynchronous checkpoint must give the blocking run's weights bit for bit.
+    # The straight run saves blocking, the killed one asynchronously: resuming from an
+    # asynchronous checkpoint must give the blocking run's weights bit for bit.
     straight = write_config(tmp_path / "straight.yaml", token_data, tmp_path / "straight-run",
                             checkpoint={"dir": str(tmp_path / "straight-ckpt"),
                                         "async_save": False}, **sections)
@@ -35,7 +35,8 @@ def test_sigkill_then_resume_is_bitwise_exact(token_data: Path, tmp_path: Path) 
 
     killed_ckpt = tmp_path / "killed-ckpt"
     killed = write_config(tmp_path / "killed.yaml", token_data, tmp_path / "killed-run",
-                          checkpoint={"dir": str(killed_ckpt), "every": 10}, **sections)
+                          checkpoint={"dir": str(killed_ckpt), "every": 10, "async_save": True},
+                          **sections)
     process = start_train(killed)
     wait_for(lambda: (killed_ckpt / "step-10").is_dir(), process)
     process.send_signal(signal.SIGKILL)
@@ -58,14 +59,16 @@ def test_sigkill_then_resume_is_bitwise_exact(token_data: Path, tmp_path: Path) 
     assert all(resumed[step] == reference[step] for step in range(11, 21))
 
 
-def test_kill_during_checkpoint_write_leaves_previous_loadable(token_data: Path,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True])
+def test_kill_during_checkpoint_write_leaves_previous_loadable(token_data: Path, tmp_path: Path,
+                                                              async_save: bool) -> None:
     checkpoints = tmp_path / "ckpt"
     # A 32000-row embedding makes each checkpoint write long enough to be caught mid-way.
     config = write_config(tmp_path / "config.yaml", token_data, tmp_path / "run",
                           model={"preset": "elm-tiny", "vocab_size": 32000},
                           train={"max_steps": 1000, "seq_len": 16, "micro_batch_size": 1},
-                          checkpoint={"dir": str(checkpoints), "every": 2, "keep": 2})
+                          checkpoint={"dir": str(checkpoints), "every": 2, "keep": 2,
+                                      "async_save": async_save})
 
     def writing_after_a_complete_one() -> bool:
         return bool(complete_checkpoints(checkpoints)) and any(checkpoints.glob("step-*.tmp"))
