@@ -155,6 +155,10 @@ FINETUNE = [
     (["--num-layers", "0"], "--num-layers"), (["--num-layers", "-2"], "--num-layers"),
     (["--val-batches", "0"], "--val-batches"), (["--dropout", "nan"], "--dropout"),
     (["--iters", "abc"], "--iters"),
+    (["--dpo", "--orpo"], "--dpo and --orpo exclude each other"),
+    (["--dpo", "--beta", "0"], "--beta must be a positive number"),
+    (["--orpo", "--ref-model", "x"], "--ref-model: --orpo uses no reference model"),
+    (["--ipo"], "--ipo: it needs --dpo"),
 ]
 
 
@@ -167,7 +171,7 @@ def finetune_args(work: Path, *extra: str, adapters: Path | None = None) -> list
 
 @pytest.mark.parametrize(("flags", "mentions"), FINETUNE, ids=[" ".join(f) for f, _ in FINETUNE])
 def test_finetune_flags(work: Path, capsys, flags: list[str], mentions: str) -> None:
-    code = 2 if flags[1] == "abc" else 1
+    code = 2 if "abc" in flags else 1
     rejects(capsys, work, finetune_args(work, *flags), mentions, code=code)
 
 
@@ -180,6 +184,15 @@ def test_finetune_bad_train_jsonl(work: Path, capsys, content: bytes, mentions: 
     line = rejects(capsys, work, finetune_args(work), mentions)
     if b"cut sh" in content:
         assert "at column 10" in line and "truncated" in line
+
+
+@pytest.mark.parametrize(("row", "mentions"), [
+    ({"text": "an SFT row"}, 'train.jsonl:1: missing "chosen"'),
+    ({"prompt": "A", "chosen": "a", "rejected": ["b"]}, "train.jsonl:1: rejected[0] needs a role"),
+], ids=["sft row", "bad message"])
+def test_finetune_dpo_bad_pairs(work: Path, capsys, row: dict, mentions: str) -> None:
+    (work / "data" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    rejects(capsys, work, finetune_args(work, "--dpo"), mentions)
 
 
 def test_finetune_data_given_as_file(work: Path, capsys) -> None:
