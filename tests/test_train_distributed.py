@@ -39,7 +39,9 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory, token_data: Path)
                      # hsdp: 2 replicas of 1 shard, the other axis of the mesh from fsdp's.
                      parallel={"strategy": strategy,
                                "replicate_degree": 2 if strategy == "hsdp" else None},
-                     checkpoint={"dir": str(root / strategy / "ckpt"), "every": 5})
+                     # fsdp saves asynchronously (its own gloo group, DTensor shards staged)
+                     checkpoint={"dir": str(root / strategy / "ckpt"), "every": 5,
+                                 "async_save": strategy == "fsdp"})
     script = (
         "from elm_train.config import load_config\n"
         "from elm_train.trainer import train\n"
