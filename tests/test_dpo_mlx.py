@@ -25,9 +25,10 @@ def base_dir(make_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("pairs")
-    rows = ends_with_rows(360, seed=0)
+    rows = ends_with_rows(376, seed=0)
     write_jsonl(data / "train.jsonl", rows[:320])
-    write_jsonl(data / "valid.jsonl", rows[320:])
+    write_jsonl(data / "valid.jsonl", rows[320:360])
+    write_jsonl(data / "test.jsonl", rows[360:])
     return data
 
 
@@ -178,11 +179,13 @@ def test_dpo_learns_to_prefer_answers_ending_with_a_token(base_dir, pairs_dir, t
     adapters = tmp_path / "adapters"
     results = finetune(build_config(None, settings(
         base_dir, pairs_dir, adapters, iters=24, batch_size=8, learning_rate=3e-3, rank=8,
-        steps_per_eval=24, steps_per_report=8, val_batches=-1, lr_schedule="constant")))
+        steps_per_eval=24, steps_per_report=8, val_batches=-1, lr_schedule="constant",
+        test=True, test_batches=-1)))
     assert results["initial_val_reward_accuracy"] == 0.5
     assert results["initial_val_loss"] == pytest.approx(np.log(2), abs=1e-6)
     assert results["val_reward_accuracy"] > 0.9
     assert results["val_reward_margin"] > 0 and results["val_loss"] < np.log(2)
+    assert results["test_reward_accuracy"] > 0.9 and "test_perplexity" not in results
     train = [m for m in metrics(adapters) if "train_loss" in m]
     assert {"train_chosen_reward", "train_rejected_reward", "train_reward_margin",
             "train_reward_accuracy"} <= set(train[-1])
