@@ -8,7 +8,7 @@ from support.chat import with_template
 import elm_mlx
 from elm_mlx.chat import ChatSession, TurnStats
 from elm_mlx.generate import encode_messages
-from elm_mlx.lora.data import shipped_chat_template
+from elm_spec.chat_template import shipped_chat_template
 
 TURNS = ["hello there", "def f(x): return x", "import os", "what is a class?", "print it"]
 
