@@ -32,6 +32,7 @@ def measure(vocab_size: int, rows: int) -> dict[str, float]:
     import numpy as np
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    import elm_mlx.lora.losses as losses
     import elm_mlx.lora.train as train
     from elm_mlx.model import Model
     from elm_spec import ModelSpec
@@ -51,7 +52,7 @@ def measure(vocab_size: int, rows: int) -> dict[str, float]:
         return losses.sum() / weights.sum(), weights.sum()
 
     if rows:
-        train.loss_chunk_rows = lambda vocab: rows
+        losses.loss_chunk_rows = lambda vocab: rows
     loss_and_grad = nn.value_and_grad(model, train.batch_loss if rows else whole_logits)
     optimizer = optim.Adam(learning_rate=1e-5)
     state = [model.state, optimizer.state]

@@ -74,8 +74,8 @@ def load_adapters(model: Model, adapter_path: str | os.PathLike[str]) -> Model:
     except ValueError as error:
         lines = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[:3])
-        raise ElmError(f"{directory}: adapters do not fit this model{_trained_on(directory)} "
-                       f"({detail})") from None
+        raise ElmError(f"{directory}: adapters do not fit this model ({detail})"
+                       f"{_trained_on(directory)}") from None
     model.eval()
     return model
 

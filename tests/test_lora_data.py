@@ -188,7 +188,8 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_computation(make_model
     import elm_mlx
     from elm_mlx.lora.adapters import apply_fine_tune
     from elm_mlx.lora.config import FinetuneConfig
-    from elm_mlx.lora.train import batch_loss, loss_chunk_rows
+    from elm_mlx.lora.losses import loss_chunk_rows
+    from elm_mlx.lora.train import batch_loss
     from elm_spec import ModelSpec
 
     spec = ModelSpec.from_preset("elm-tiny", share_input_output_layers=tied)

@@ -36,7 +36,7 @@ from rich.console import Console
 from elm_mlx.loading import load_model
 from elm_mlx.lora.config import FinetuneConfig
 from elm_mlx.lora.data import Encoder
-from elm_mlx.lora.train import clear_cache, token_losses
+from elm_mlx.lora.losses import clear_cache, token_losses
 from elm_spec import ElmError
 from elm_spec.preference import (
     PreferenceBatch,
