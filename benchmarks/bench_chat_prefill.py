@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_generate import make_model  # noqa: E402
+from benchmarks.bench_generate import make_model, publish  # noqa: E402
 from elm_spec.chat_template import SHIPPED_TEMPLATE  # noqa: E402
 
 TURNS = 5
@@ -112,11 +112,7 @@ def main() -> None:
         "All rounds (prefill seconds, in run order):",
         *(f"- {name}: " + ", ".join(f"{r['seconds']:.3f}" for r in rs) for name, rs in runs.items()),
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

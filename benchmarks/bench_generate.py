@@ -92,6 +92,15 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return matrix.nbytes / best / 1e9
 
 
+def publish(lines: list[str], out: Path | None) -> None:
+    """Print the report, and write it to OUT (--out) when given."""
+    report = "\n".join(lines)
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-generate"))
@@ -157,11 +166,7 @@ def main() -> None:
         *(f"- {name}: " + ", ".join(f"({r['prompt_tps']:.2f}, {r['generation_tps']:.3f})" for r in rs)
           for name, rs in results.items()),
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

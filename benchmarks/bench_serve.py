@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_generate import make_model  # noqa: E402
+from benchmarks.bench_generate import make_model, publish  # noqa: E402
 from elm_spec.platform import openblas_preload_path  # noqa: E402
 from elm_spec.tokenizer import Tokenizer  # noqa: E402
 
@@ -200,11 +200,7 @@ def main() -> None:
           for clients in args.clients for name in SERVERS),
         f"- load average after each measurement: {', '.join(f'{x:.1f}' for x in loads)}",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_generate import make_prompt, run  # noqa: E402
+from benchmarks.bench_generate import make_prompt, publish, run  # noqa: E402
 from elm_spec import ModelSpec  # noqa: E402
 
 DRAFT = re.compile(r"^Draft: (\d+) of (\d+) tokens accepted", re.MULTILINE)
@@ -183,11 +183,7 @@ def main() -> None:
         "All rounds (decode tokens/s):",
         *rounds_text,
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

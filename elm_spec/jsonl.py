@@ -67,6 +67,23 @@ def _parse(path: Path, number: int, line: bytes) -> dict[str, Any]:
     return row
 
 
+FINETUNE_SPLITS = ("train", "valid", "test")
+
+
+def split_files(data_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """The SPLIT.jsonl files of a fine-tuning data directory (`--data`); train.jsonl is
+    required, valid.jsonl and test.jsonl are optional."""
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        problem = "is a file, not a directory" if directory.exists() else "not found"
+        raise ElmError(f"{directory}: {problem} (--data takes a directory holding train.jsonl)")
+    if not (directory / "train.jsonl").is_file():
+        raise ElmError(f"{directory}: no train.jsonl (a data directory needs train.jsonl; "
+                       "valid.jsonl and test.jsonl are optional)")
+    return {split: directory / f"{split}.jsonl" for split in FINETUNE_SPLITS
+            if (directory / f"{split}.jsonl").is_file()}
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """DATA as indented JSON with a final newline."""
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -28,9 +28,8 @@ import numpy as np
 
 from elm_spec.chat_encoding import ChatCodec, Message, check_messages, conversation_pieces
 from elm_spec.errors import ElmError
-from elm_spec.jsonl import read_jsonl_objects
+from elm_spec.jsonl import read_jsonl_objects, split_files
 
-SPLITS = ("train", "valid", "test")
 ANSWERS = ("chosen", "rejected")
 PAD_MULTIPLE = 32  # batches are padded as SFT's are, to bound recompiles
 
@@ -182,15 +181,8 @@ def load_preference_split(path: str | os.PathLike[str], codec: ChatCodec, max_se
 def load_preference_dir(data_dir: str | os.PathLike[str], codec: ChatCodec, max_seq_length: int
                         ) -> dict[str, PreferenceSplit]:
     """The splits present in DATA_DIR; train.jsonl is required."""
-    directory = Path(data_dir)
-    if not directory.is_dir():
-        problem = "is a file, not a directory" if directory.exists() else "not found"
-        raise ElmError(f"{directory}: {problem} (--data takes a directory holding train.jsonl)")
-    if not (directory / "train.jsonl").is_file():
-        raise ElmError(f"{directory}: no train.jsonl (a data directory needs train.jsonl; "
-                       "valid.jsonl and test.jsonl are optional)")
-    return {split: load_preference_split(directory / f"{split}.jsonl", codec, max_seq_length)
-            for split in SPLITS if (directory / f"{split}.jsonl").is_file()}
+    return {split: load_preference_split(path, codec, max_seq_length)
+            for split, path in split_files(data_dir).items()}
 
 
 # ----- batches ------------------------------------------------------------------------------

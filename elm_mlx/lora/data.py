@@ -22,9 +22,8 @@ import numpy as np
 
 from elm_spec import ElmError
 from elm_spec.chat_encoding import Message, check_messages, conversation_pieces
-from elm_spec.jsonl import read_jsonl_objects
+from elm_spec.jsonl import read_jsonl_objects, split_files
 
-SPLITS = ("train", "valid", "test")
 FORMATS = ("text", "completions", "chat")
 
 
@@ -174,15 +173,8 @@ def load_split(path: Path, encoder: Encoder, max_seq_length: int) -> SplitData:
 def load_data_dir(data_dir: str | Path, encoder: Encoder, max_seq_length: int,
                   ) -> dict[str, SplitData]:
     """The splits present in DATA_DIR; train.jsonl is required."""
-    directory = Path(data_dir)
-    if not directory.is_dir():
-        problem = "is a file, not a directory" if directory.exists() else "not found"
-        raise ElmError(f"{directory}: {problem} (--data takes a directory holding train.jsonl)")
-    if not (directory / "train.jsonl").is_file():
-        raise ElmError(f"{directory}: no train.jsonl (a data directory needs train.jsonl; "
-                       "valid.jsonl and test.jsonl are optional)")
-    return {split: load_split(directory / f"{split}.jsonl", encoder, max_seq_length)
-            for split in SPLITS if (directory / f"{split}.jsonl").is_file()}
+    return {split: load_split(path, encoder, max_seq_length)
+            for split, path in split_files(data_dir).items()}
 
 
 # ----- rows and batches ------------------------------------------------------------------

@@ -265,18 +265,7 @@ class ChunkTokenizer:
             else:
                 kept.append(index)
                 kept_ids.append(ids)
-        file_indices = [documents.file_indices[i] for i in kept]
-        positions = [documents.positions[i] for i in kept]
-        to_valid = valid_mask(options.seed, file_indices, positions, options.valid_fraction)
-        buckets = mix_buckets(options.seed, file_indices, positions)
-        sources = np.array([documents.sources[i] for i in kept], dtype=np.int32)
-        counts["documents_train"] = int((~to_valid).sum())
-        counts["documents_valid"] = int(to_valid.sum())
-        train, valid = (SplitPart.pack([ids for ids, v in zip(kept_ids, to_valid, strict=True)
-                                        if v == split], sources[to_valid == split],
-                                       buckets[to_valid == split], self.dtype)
-                        for split in (False, True))
-        return ChunkResult(train, valid, counts, chunk.source_bytes)
+        return self._split(documents, kept, kept_ids, counts, chunk.source_bytes)
 
     def _corenet_rows(self, documents: Documents, counts: Counter, source_bytes: int
                       ) -> ChunkResult:
@@ -303,11 +292,18 @@ class ChunkTokenizer:
             else:
                 rows.append(ids)
                 row_owners.append(owner)
-        file_indices = [documents.file_indices[i] for i in row_owners]
-        positions = [documents.positions[i] for i in row_owners]
+        return self._split(documents, row_owners, rows, counts, source_bytes)
+
+    def _split(self, documents: Documents, owners: list[int], rows: list[list[int]],
+               counts: Counter, source_bytes: int) -> ChunkResult:
+        """ROWS (of the documents at OWNERS) into train and valid by their document's seeded
+        hash, each with its source and mix bucket."""
+        options = self.options
+        file_indices = [documents.file_indices[i] for i in owners]
+        positions = [documents.positions[i] for i in owners]
         to_valid = valid_mask(options.seed, file_indices, positions, options.valid_fraction)
         buckets = mix_buckets(options.seed, file_indices, positions)
-        sources = np.array([documents.sources[i] for i in row_owners], dtype=np.int32)
+        sources = np.array([documents.sources[i] for i in owners], dtype=np.int32)
         counts["documents_train"] = int((~to_valid).sum())
         counts["documents_valid"] = int(to_valid.sum())
         train, valid = (SplitPart.pack([ids for ids, v in zip(rows, to_valid, strict=True)
