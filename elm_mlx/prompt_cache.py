@@ -130,6 +130,15 @@ def load(path: str | os.PathLike[str], model: nn.Module, model_name: str | os.Pa
     return SavedPromptCache(path, cache, metadata.get(PROMPT), tokens)
 
 
+def held_tokens(saved: SavedPromptCache) -> list[int]:
+    """The tokens SAVED holds, which only elm's files record."""
+    if saved.tokens is None:
+        raise ElmError(f"--prompt-cache-file {saved.path}: made by mlx_lm.cache_prompt, it does "
+                       "not record the tokens it holds; make one with elm generate "
+                       "--save-prompt-cache")
+    return saved.tokens
+
+
 def _same_model(recorded: str | None, model_name: str | os.PathLike[str],
                 model_dir: str | os.PathLike[str]) -> bool:
     """mlx-lm records the model as its user named it: a path (compared once resolved) or a
@@ -146,16 +155,16 @@ def _kv_heads(entry: Any) -> int:
     return keys.shape[1]
 
 
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens A and B have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def reuse_prefix(cache: list[Any], cached: list[int], ids: list[int]) -> int | None:
     """Trim CACHE, which holds the tokens CACHED, to its longest prefix shared with IDS (leaving
     IDS' last token to be fed, for its logits); the number of tokens kept, or None when the cache
     would need trimming and cannot be trimmed."""
-    common = 0
-    for old, new in zip(cached, ids, strict=False):
-        if old != new:
-            break
-        common += 1
-    common = min(common, len(ids) - 1)
+    common = min(shared_prefix_length(cached, ids), len(ids) - 1)
     if common < len(cached):
         if not can_trim_prompt_cache(cache):
             return None

@@ -9,11 +9,16 @@ a prefix with an earlier request start from that request's KV cache (mlx-lm's
 
 With a draft model (speculative decoding) or a quantized KV cache the engine decodes one
 request at a time, as `mlx_lm.server` does: mlx-lm's `BatchGenerator` has neither.
+
+A prompt cache file (`elm serve --prompt-cache-file`, made by `elm generate
+--save-prompt-cache`) is kept beside the shared cache for the whole run: every request whose
+prompt begins as the file's does starts from it, however many other prompts have come since.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import queue
 import threading
@@ -41,13 +46,20 @@ from mlx_lm.sample_utils import (
 )
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from elm_mlx import prompt_cache as cache_files
 from elm_mlx.loading import load, load_adapters, load_model, read_tokenizer, set_chat_template
 from elm_mlx.matvec import matvec_on_cpu
 from elm_spec import ElmError
 from elm_spec.chat_template import chat_template_for
+from elm_spec.hub import resolve
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+# Requests that arrive within this many seconds of each other join one prefill: a prefill
+# pass over the weights costs about as much for several prompts as for one.
+ADMIT_WINDOW_S = 0.01
 
 
 class EngineBusy(Exception):
@@ -206,6 +218,43 @@ def load_served_models(model_dir: str | os.PathLike[str],
 
 
 @dataclass
+class SavedPrefix:
+    """A prompt cache file's KV cache and the tokens it holds, for one served model."""
+
+    model: str
+    tokens: list[int]
+    cache: list[Any]
+
+
+def load_saved_prefix(path: str | os.PathLike[str], models: dict[str, ServedModel],
+                      model_dir: str | os.PathLike[str],
+                      adapter_paths: Sequence[str | os.PathLike[str]] = (),
+                      kv_bits: int | None = None, kv_group_size: int = 64) -> SavedPrefix:
+    """The cache in PATH (elm's format) and the served model it was made for: the base model
+    or one of its adapters, as named by `load_served_models`."""
+    local_dir = resolve(model_dir)
+    candidates = [(Path(a).name, resolve(a)) for a in adapter_paths]
+    candidates.append((Path(model_dir).name, None))
+    first_error: ElmError | None = None
+    for name, adapter_dir in candidates:
+        try:
+            saved = cache_files.load(path, models[name].model, model_dir, local_dir, adapter_dir,
+                                     kv_bits, kv_group_size)
+        except ElmError as error:
+            first_error = first_error or error
+            continue
+        tokens = cache_files.held_tokens(saved)
+        if kv_bits is None and any(hasattr(layer, "bits") for layer in saved.cache):
+            raise ElmError(f"--prompt-cache-file {path}: its KV cache is quantized to "
+                           f"{saved.cache[0].bits} bits; serve it with --kv-bits "
+                           f"{saved.cache[0].bits}")
+        mx.eval([layer.state for layer in saved.cache])  # on this thread: streams are per thread
+        return SavedPrefix(name, tokens, saved.cache)
+    assert first_error is not None
+    raise first_error
+
+
+@dataclass
 class Speedups:
     """Speculative decoding and KV cache quantization (either one: one request at a time)."""
 
@@ -225,7 +274,7 @@ class Engine:
 
     def __init__(self, models: dict[str, ServedModel], max_batch: int = 8, max_queue: int = 16,
                  prompt_cache_size: int = 10, prefill_step_size: int = 2048,
-                 speedups: Speedups | None = None):
+                 speedups: Speedups | None = None, saved_prefix: SavedPrefix | None = None):
         if not models:
             raise ValueError("no models to serve")
         self.models = models
@@ -240,6 +289,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = LRUPromptCache(prompt_cache_size)
+        self.saved_prefix = saved_prefix
         self._inbox: queue.Queue[Ticket] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -309,12 +359,16 @@ class Engine:
 
     def _admit(self, generators: dict[str, BatchGenerator], active: dict[tuple[str, int], _Active],
                block: bool) -> None:
-        while True:
+        """Insert the waiting requests into their batches; once one has come, wait for others
+        arriving just after it, so that their prompts are prefilled together, not one by one."""
+        for admitted in range(self.max_batch):
             try:
-                ticket = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+                if admitted:
+                    ticket = self._inbox.get(timeout=ADMIT_WINDOW_S)
+                else:
+                    ticket = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
             except queue.Empty:
                 return
-            block = False
             if ticket.cancelled:
                 self._done()
                 continue
@@ -327,10 +381,7 @@ class Engine:
                 generator = generators[name] = BatchGenerator(
                     served.model, stop_tokens=eos, completion_batch_size=self.max_batch,
                     prefill_batch_size=self.max_batch, prefill_step_size=self.prefill_step_size)
-            cache, rest = self.prompt_cache.fetch_nearest_cache(name, request.prompt)
-            if cache is not None and not rest:  # an exact hit: recompute the last token's logits
-                trim_prompt_cache(cache, 1)
-                rest = request.prompt[-1:]
+            cache, rest = self._nearest_cache(name, request.prompt)
             cached = len(request.prompt) - len(rest)
             (uid,) = generator.insert(
                 [rest], max_tokens=[request.max_tokens], caches=[cache],
@@ -339,6 +390,23 @@ class Engine:
                 stop_sequences=[StopSequences(eos)])
             active[(name, uid)] = _Active(ticket, served.tokenizer.detokenizer,
                                           StopMatcher(request.stop), len(request.prompt), cached)
+
+    def _nearest_cache(self, name: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """A copy of the KV cache holding the longest prefix of PROMPT that the shared cache or
+        the saved prefix has (None: no prefix), and the tokens left to prefill (at least one:
+        the last token's logits are the first step's)."""
+        cache, rest = self.prompt_cache.fetch_nearest_cache(name, prompt)
+        saved = self.saved_prefix
+        if saved is not None and saved.model == name and \
+                cache_files.shared_prefix_length(saved.tokens, prompt) > len(prompt) - len(rest):
+            candidate = copy.deepcopy(saved.cache)
+            kept = cache_files.reuse_prefix(candidate, saved.tokens, prompt)
+            if kept is not None and kept > len(prompt) - len(rest):
+                cache, rest = candidate, prompt[kept:]
+        if cache is not None and not rest:  # an exact hit: recompute the last token's logits
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def _drop_cancelled(self, generators: dict[str, BatchGenerator],
                         active: dict[tuple[str, int], _Active]) -> None:
@@ -378,10 +446,7 @@ class Engine:
         try:
             if ticket.cancelled:
                 return
-            cache, rest = self.prompt_cache.fetch_nearest_cache(name, request.prompt)
-            if cache is not None and not rest:  # an exact hit: recompute the last token's logits
-                trim_prompt_cache(cache, 1)
-                rest = request.prompt[-1:]
+            cache, rest = self._nearest_cache(name, request.prompt)
             if cache is None:
                 cache = make_prompt_cache(served.model)
                 if speedups.draft_model is not None:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support.chat import common_prefix
 from support.cli import run_cli
 from support.corpora import short_documents
 
@@ -204,10 +205,6 @@ PREFIX, REST = PROMPT.split("\n", 1)[0] + "\n", PROMPT.split("\n", 1)[1]
 
 def count(out: str, label: str) -> int:
     return int(out.split(f"{label}: ")[1].split()[0])
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def test_a_saved_prompt_cache_gives_the_same_tokens_prefilling_only_new_ones(

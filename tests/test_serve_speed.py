@@ -8,12 +8,19 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.chat import running_server
+from support.chat import common_prefix, running_server
 from support.cli import run_cli
 
 from elm_mlx import load
 from elm_mlx.generate import encode_prompt, load_draft, stream_generate
-from elm_mlx.serving import Engine, Event, Request, Speedups, load_served_models
+from elm_mlx.serving import (
+    Engine,
+    Event,
+    Request,
+    Speedups,
+    load_saved_prefix,
+    load_served_models,
+)
 from elm_spec import ElmError, ModelSpec
 
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):"]
@@ -133,3 +140,44 @@ def test_a_draft_server_answers_like_elm_generate(target: Path, draft: Path) -> 
                 client.completions.create(model="default", prompt="hi", max_tokens=4,
                                           extra_body=extra)
         assert client.completions.create(model="default", prompt="x", max_tokens=2).choices
+
+
+def test_a_prompt_cache_file_serves_every_request_that_begins_as_it_does(
+        target: Path, draft: Path, tmp_path: Path, capsys) -> None:
+    saved = tmp_path / "prefix.safetensors"
+    prefix = "import os\nimport sys\n"
+    code, _, err = run_cli(capsys, "generate", "--model", str(target), "--prompt", prefix,
+                           "-m", "1", "--save-prompt-cache", str(saved))
+    assert code == 0, err
+    models = load_served_models(target)
+    tokenizer = next(iter(models.values())).tokenizer
+    held = encode_prompt(tokenizer, prefix)
+    engine = Engine(models, prompt_cache_size=1,
+                    saved_prefix=load_saved_prefix(saved, models, target)).start()
+    texts = [prefix + "def f(x):", prefix + "class A:", *PROMPTS]
+    prompts = [encode_prompt(tokenizer, text) for text in texts]
+    try:
+        first = serve_all(engine, prompts)
+        again = serve_all(engine, prompts[:1])  # after more prompts than the shared cache keeps
+    finally:
+        engine.close()
+    for text, prompt, events in zip(texts, prompts, first, strict=True):
+        assert [e.token for e in events] == greedy(target, text)
+        # all admitted together: what is cached comes from the file (at least BOS for the
+        # others), short of the prompt's last token, whose logits start the answer
+        shared = min(common_prefix(held, prompt), len(prompt) - 1)
+        assert events[0].cached_tokens == shared > 0
+    assert first[0][0].cached_tokens == first[1][0].cached_tokens > 5
+    assert [e.token for e in again[0]] == [e.token for e in first[0]]
+    assert again[0][0].cached_tokens >= first[0][0].cached_tokens
+
+    twin = tmp_path / "twin.safetensors"  # another model's file, a draft, an mlx-lm file
+    code, _, err = run_cli(capsys, "generate", "--model", str(draft), "--prompt", prefix,
+                           "-m", "1", "--save-prompt-cache", str(twin))
+    assert code == 0, err
+    for flags, named in (([str(twin)], "made for another model"),
+                         ([str(saved), "--draft-model", str(draft)], "--draft-model"),
+                         ([str(tmp_path / "absent.safetensors")], "no such file")):
+        code, _, err = run_cli(capsys, "serve", "--model", str(target), "--prompt-cache-file",
+                               *flags)
+        assert code == 1 and err.count("\n") == 1 and named in err, err

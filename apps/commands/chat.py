@@ -28,7 +28,6 @@ def saved_start(path: Path, model: Any, model_name: Path, adapter_path: Path | N
     """Where each conversation starts: the cache in PATH (read again at each /reset), which
     must record the tokens it holds, as elm's do."""
     from elm_mlx import prompt_cache
-    from elm_spec import ElmError
     from elm_spec.hub import resolve
 
     model_dir = resolve(model_name)
@@ -37,11 +36,7 @@ def saved_start(path: Path, model: Any, model_name: Path, adapter_path: Path | N
     def read() -> tuple[list, list[int]]:
         saved = prompt_cache.load(path, model, model_name, model_dir, adapter_dir, kv_bits,
                                   kv_group_size)
-        if saved.tokens is None:
-            raise ElmError(f"--prompt-cache-file {path}: made by mlx_lm.cache_prompt, it does not "
-                           "record the tokens it holds; make one with elm generate "
-                           "--save-prompt-cache")
-        return saved.cache, saved.tokens
+        return saved.cache, prompt_cache.held_tokens(saved)
 
     first = [read()]  # refused now, not at the first /reset
 

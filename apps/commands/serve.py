@@ -14,6 +14,7 @@ from apps.commands.generate import (
     KV_GROUP_SIZE_HELP,
     NUM_DRAFT_TOKENS_HELP,
     QUANTIZED_KV_START_HELP,
+    check_prompt_cache_flags,
 )
 from apps.process import keep_torch_out
 from elm_spec import ElmError
@@ -61,6 +62,10 @@ def register(app: typer.Typer) -> None:
         kv_group_size: int = typer.Option(64, "--kv-group-size", help=KV_GROUP_SIZE_HELP),
         quantized_kv_start: int = typer.Option(5000, "--quantized-kv-start",
                                                help=QUANTIZED_KV_START_HELP),
+        prompt_cache_file: Path = typer.Option(
+            None, "--prompt-cache-file", help="A prompt cache saved by elm generate "
+            "--save-prompt-cache (for the model or one of the adapters): every request whose "
+            "prompt begins as the cached one starts from it, for the whole run."),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
         keep_torch_out()
@@ -68,7 +73,7 @@ def register(app: typer.Typer) -> None:
 
         from apps.serve.app import ServerSettings, build_app
         from elm_mlx.generate import check_draft_options, check_kv_options, load_draft
-        from elm_mlx.serving import Engine, Speedups, load_served_models
+        from elm_mlx.serving import Engine, Speedups, load_saved_prefix, load_served_models
 
         for name, value in (("--max-batch", max_batch), ("--max-tokens", max_tokens),
                             ("--max-body-bytes", max_body_bytes)):
@@ -81,6 +86,7 @@ def register(app: typer.Typer) -> None:
             check_draft_options(num_draft_tokens)
             if kv_bits is not None:
                 raise ElmError("--kv-bits does not combine with --draft-model in elm serve")
+        check_prompt_cache_flags(prompt_cache_file, draft_model=draft_model)
         if not is_loopback(host) and api_key is None:
             typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach "
                        "this address can use the model", err=True)
@@ -89,12 +95,17 @@ def register(app: typer.Typer) -> None:
         check_kv_options(kv_bits, kv_group_size, quantized_kv_start, base.model.spec.head_dim)
         draft = None if draft_model is None else load_draft(draft_model, model, base.model,
                                                             base.tokenizer)
+        saved = None if prompt_cache_file is None else load_saved_prefix(
+            prompt_cache_file, models, model, adapter_path, kv_bits, kv_group_size)
         speedups = Speedups(draft, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start)
         engine = Engine(models, max_batch=max_batch, max_queue=max_queue,
                         prompt_cache_size=prompt_cache_size, prefill_step_size=prefill_step_size,
-                        speedups=speedups).start()
+                        speedups=speedups, saved_prefix=saved).start()
         settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes,
                                   default_max_tokens=max_tokens, default_temp=temp)
+        if saved is not None:
+            typer.echo(f"prompt cache: {len(saved.tokens)} tokens from {prompt_cache_file} "
+                       f"for {saved.model}")
         typer.echo(f"serving {', '.join(models)} on http://{host}:{port} (pid {os.getpid()})")
         try:
             uvicorn.run(build_app(engine, settings), host=host, port=port, log_level="warning")

@@ -55,6 +55,11 @@ def running_server(*args: str, timeout: float = 120) -> Iterator[str]:
             process.wait()
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens A and B share (computed here, not by the code under test)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def with_template(model_dir: Path, destination: Path, template: str) -> Path:
     """A copy of MODEL_DIR whose tokenizer_config.json carries TEMPLATE."""
     shutil.copytree(model_dir, destination)
