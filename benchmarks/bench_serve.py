@@ -7,16 +7,19 @@ with one request, measured, and stopped. The clients are threads of the official
 client, each sending its own completions requests one after the other; every server sees the
 same prompts, the same max_tokens, greedy decoding. Throughput is the completion tokens the
 servers report (`usage`) summed over all clients, over the wall time from the first request
-to the last answer.
+to the last answer. With one client, each server then also streams a few requests
+(`stream: true`) to time, as its client sees them, the first token and the gaps between tokens.
 
-    python benchmarks/bench_serve.py --workdir /tmp/bench-generate --rounds 2
+    python benchmarks/bench_serve.py --workdir /tmp/bench-generate --rounds 3 --requests-per-client 3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -138,6 +141,26 @@ def drive(url: str, pid: int, name: str, prompts: list[str], clients: int, reque
     return Level(clients, seconds, cpu, sum(n for _, n in answers), [text for text, _ in answers])
 
 
+def streamed_latency(url: str, name: str, prompts: list[str], max_tokens: int
+                     ) -> tuple[list[float], list[float]]:
+    """Per streamed request of PROMPTS, one after the other: ms to the first text, and the median
+    ms between texts."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    first, gaps = [], []
+    for prompt in prompts:
+        start, stamps = time.perf_counter(), []
+        for chunk in client.completions.create(model=MODEL_NAME[name], prompt=prompt,
+                                               max_tokens=max_tokens, temperature=0.0,
+                                               stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+        first.append(1e3 * (stamps[0] - start))
+        gaps.append(1e3 * statistics.median(b - a for a, b in itertools.pairwise(stamps)))
+    return first, gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-generate"))
@@ -147,6 +170,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streamed", type=int, default=4,
+                        help="Streamed requests per server and round, timed (0: none).")
     parser.add_argument("--out", type=Path, default=None, help="Write the markdown report here too.")
     args = parser.parse_args()
 
@@ -155,6 +180,7 @@ def main() -> None:
     prompts = make_prompts(model, max(args.clients) * args.requests_per_client + 1,
                            args.prompt_tokens)
     results: dict[tuple[str, int], list[Level]] = {}
+    latency: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in SERVERS}
     loads = []
     started = time.perf_counter()
     for round_index in range(args.rounds):
@@ -163,6 +189,10 @@ def main() -> None:
                 with running(name, model, args.workdir / f"{name}-server.log") as (url, pid):
                     level = drive(url, pid, name, prompts, clients, args.requests_per_client,
                                   args.max_tokens)
+                    if clients == 1:
+                        for kept, new in zip(latency[name], streamed_latency(
+                                url, name, prompts[:args.streamed], args.max_tokens), strict=True):
+                            kept.extend(new)
                 results.setdefault((name, clients), []).append(level)
                 loads.append(os.getloadavg()[0])
                 print(f"round {round_index + 1} {clients} clients {name:7s} {level.tokens} tokens "
@@ -200,6 +230,12 @@ def main() -> None:
           for clients in args.clients for name in SERVERS),
         f"- load average after each measurement: {', '.join(f'{x:.1f}' for x in loads)}",
     ]
+    if all(first for first, _ in latency.values()):
+        lines += ["", f"One client streaming ({len(latency['elm'][0])} requests per server over "
+                  "the rounds, medians; ms as the client sees them):", "",
+                  "| server | time to first token | gap between tokens |", "|---|---:|---:|",
+                  *(f"| {name} | {statistics.median(first):.0f} | {statistics.median(gaps):.1f} |"
+                    for name, (first, gaps) in latency.items())]
     publish(lines, args.out)
 
 
