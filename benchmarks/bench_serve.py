@@ -117,12 +117,17 @@ class Level:
         return self.tokens / self.seconds
 
 
+def openai_client(url: str):
+    """The official client for the server at URL (no retries: a failure shows)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+
 def drive(url: str, pid: int, name: str, prompts: list[str], clients: int, requests_per_client: int,
           max_tokens: int) -> Level:
     """CLIENTS threads, each sending REQUESTS_PER_CLIENT completions one after the other."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    client = openai_client(url)
 
     def one(prompt: str) -> tuple[str, int]:
         answer = client.completions.create(model=MODEL_NAME[name], prompt=prompt,
@@ -145,9 +150,7 @@ def streamed_latency(url: str, name: str, prompts: list[str], max_tokens: int
                      ) -> tuple[list[float], list[float]]:
     """Per streamed request of PROMPTS, one after the other: ms to the first text, and the median
     ms between texts."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    client = openai_client(url)
     first, gaps = [], []
     for prompt in prompts:
         start, stamps = time.perf_counter(), []
